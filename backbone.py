@@ -1,0 +1,82 @@
+"""The assembled detector: EfficientNet → BiFPN cells → Regressor and Classifier, plus Anchors."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+from torch import Tensor, nn
+
+from efficientdet.anchors import DEFAULT_RATIOS, DEFAULT_SCALES, Anchors
+from efficientdet.config import ModelConfig, get_model_config
+from efficientdet.model import BiFPN, Classifier, Regressor
+from efficientnet.model import EfficientNetBackbone
+
+# Padding value of the BiFPN's stride-2 max-pools: zeros in the published PyTorch checkpoints,
+# -inf (TensorFlow semantics) in the official ones.
+POOL_PADDING = {"published": 0.0, "official": float("-inf")}
+
+
+class EfficientDetBackbone(nn.Module):
+    """EfficientDet D0–D7x (``compound_coef`` 0…8, 8 = D7x).
+
+    Args:
+        num_classes: number of object classes (90 for the COCO checkpoints).
+        compound_coef: row of :data:`efficientdet.config.MODEL_CONFIGS`.
+        ratios: anchor (width, height) stretch pairs, from the project YAML.
+        scales: anchor scales, from the project YAML.
+        pool_padding: "published" (zero padding, for the published PyTorch checkpoints; default) or
+            "official" (TensorFlow max-pool padding, for converted official checkpoints).
+
+    ``forward(images)`` with images Tensor[B, 3, H, W] (normalised RGB, H and W multiples of
+    ``config.max_stride``) returns ``(features, regression, classification, anchors)``:
+
+    - features: tuple of BiFPN outputs P3 … P7 (P8 for D7x), Tensor[B, fpn_channels, H / 2**L, W / 2**L];
+    - regression: Tensor[B, N, 4] (dy, dx, dh, dw);
+    - classification: Tensor[B, N, num_classes], sigmoid probabilities;
+    - anchors: Tensor[1, N, 4] (y1, x1, y2, x2), input pixels.
+    """
+
+    def __init__(self, num_classes: int = 80, compound_coef: int = 0,
+                 ratios: Sequence[Tuple[float, float]] = DEFAULT_RATIOS,
+                 scales: Sequence[float] = DEFAULT_SCALES, pool_padding: str = "published") -> None:
+        super().__init__()
+        if pool_padding not in POOL_PADDING:
+            raise ValueError(f"pool_padding must be one of {sorted(POOL_PADDING)}, got {pool_padding!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        self.config: ModelConfig = get_model_config(compound_coef)
+        self.compound_coef = compound_coef
+        self.num_classes = num_classes
+        self.pool_padding = pool_padding
+        cfg = self.config
+        num_levels = len(cfg.pyramid_levels)
+        num_anchors = len(ratios) * len(scales)
+
+        backbone = EfficientNetBackbone(cfg.backbone)
+        self.bifpn = nn.Sequential(*[
+            BiFPN(cfg.fpn_channels, backbone.out_channels, first_time=(i == 0), weighted=cfg.weighted_fusion,
+                  min_level=cfg.min_level, max_level=cfg.max_level, pool_pad_value=POOL_PADDING[pool_padding])
+            for i in range(cfg.fpn_cells)])
+        self.regressor = Regressor(cfg.fpn_channels, num_anchors, cfg.head_repeats, num_levels)
+        self.classifier = Classifier(cfg.fpn_channels, num_anchors, num_classes, cfg.head_repeats, num_levels)
+        self.anchors = Anchors(cfg.anchor_scale, cfg.pyramid_levels, scales=scales, ratios=ratios)
+        self.backbone_net = backbone
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """ValueError unless both sides are positive multiples of the largest stride."""
+        stride = self.config.max_stride
+        if height <= 0 or width <= 0 or height % stride or width % stride:
+            examples = ", ".join(str(stride * k) for k in range(2, 6))
+            raise ValueError(
+                f"input size {height}x{width} (HxW) does not work for {self.config.name}: height and width must be "
+                f"multiples of {stride} (the stride of P{self.config.max_level}), e.g. {examples}; "
+                f"the default is {self.config.input_size}")
+
+    def forward(self, inputs: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+        if inputs.dim() != 4 or inputs.shape[1] != 3:
+            raise ValueError(f"expected images Tensor[B, 3, H, W], got shape {tuple(inputs.shape)}")
+        self.check_input_size(int(inputs.shape[2]), int(inputs.shape[3]))
+        features = self.bifpn(self.backbone_net(inputs))
+        regression = self.regressor(features)
+        classification = self.classifier(features)
+        anchors = self.anchors(inputs)
+        return features, regression, classification, anchors

@@ -1,0 +1,119 @@
+"""Anchors and box coding (SPEC §1, §3).
+
+Box notation used throughout the project:
+
+- anchors and the network's box space: ``(y1, x1, y2, x2)`` in input pixels;
+- regression: ``(dy, dx, dh, dw)`` relative to an anchor;
+- decoded detections: ``(x1, y1, x2, y2)`` in input pixels (the format every consumer uses).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Dict, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_SCALES: Tuple[float, ...] = (2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0))
+DEFAULT_RATIOS: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4))
+
+
+class Anchors(nn.Module):
+    """Anchor boxes for every pyramid level, position and (scale, ratio) pair.
+
+    Order: level by level (lowest first), positions row-major, then ``scales × ratios`` with the
+    scale varying slowest. A ratio ``(rx, ry)`` stretches the width by ``rx`` and the height by ``ry``.
+
+    Anchors are computed in float64 and cached per (input size, device, dtype).
+    """
+
+    def __init__(self, anchor_scale: float = 4.0, pyramid_levels: Sequence[int] = (3, 4, 5, 6, 7),
+                 scales: Sequence[float] = DEFAULT_SCALES,
+                 ratios: Sequence[Tuple[float, float]] = DEFAULT_RATIOS) -> None:
+        super().__init__()
+        self.anchor_scale = float(anchor_scale)
+        self.pyramid_levels = tuple(int(level) for level in pyramid_levels)
+        self.strides = tuple(2 ** level for level in self.pyramid_levels)
+        self.scales = tuple(float(s) for s in scales)
+        self.ratios = tuple((float(r[0]), float(r[1])) for r in ratios)
+        self._cache: Dict[Tuple[int, int, torch.device, torch.dtype], Tensor] = {}
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchors per position."""
+        return len(self.scales) * len(self.ratios)
+
+    def generate(self, height: int, width: int) -> Tensor:
+        """Anchors for an input of ``height × width``: Tensor[N, 4] (y1, x1, y2, x2), float64, input pixels."""
+        levels = []
+        for stride in self.strides:
+            ys = torch.arange(stride / 2, height, stride, dtype=torch.float64)
+            xs = torch.arange(stride / 2, width, stride, dtype=torch.float64)
+            yc, xc = torch.meshgrid(ys, xs, indexing="ij")
+            yc, xc = yc.reshape(-1, 1), xc.reshape(-1, 1)
+            half_w = torch.tensor([self.anchor_scale * stride * s * r[0] / 2.0
+                                   for s, r in itertools.product(self.scales, self.ratios)], dtype=torch.float64)
+            half_h = torch.tensor([self.anchor_scale * stride * s * r[1] / 2.0
+                                   for s, r in itertools.product(self.scales, self.ratios)], dtype=torch.float64)
+            boxes = torch.stack((yc - half_h, xc - half_w, yc + half_h, xc + half_w), dim=-1)
+            levels.append(boxes.reshape(-1, 4))
+        return torch.cat(levels, dim=0)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """image: Tensor[B, C, H, W] -> anchors Tensor[1, N, 4] (y1, x1, y2, x2), input pixels,
+        on the image's device and in its (floating) dtype."""
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        dtype = image.dtype if image.dtype.is_floating_point else torch.float32
+        key = (height, width, image.device, dtype)
+        anchors = self._cache.get(key)
+        if anchors is None:
+            anchors = self.generate(height, width).to(device=image.device, dtype=dtype).unsqueeze(0)
+            self._cache[key] = anchors
+        return anchors
+
+
+class BBoxTransform(nn.Module):
+    """Decode regression deltas against anchors into boxes."""
+
+    def forward(self, anchors: Tensor, regression: Tensor) -> Tensor:
+        """anchors: Tensor[1 or B, N, 4] (y1, x1, y2, x2); regression: Tensor[B, N, 4] (dy, dx, dh, dw)
+        -> Tensor[B, N, 4] (x1, y1, x2, y2), input pixels."""
+        ya = (anchors[..., 0] + anchors[..., 2]) / 2
+        xa = (anchors[..., 1] + anchors[..., 3]) / 2
+        ha = anchors[..., 2] - anchors[..., 0]
+        wa = anchors[..., 3] - anchors[..., 1]
+        w = regression[..., 3].exp() * wa
+        h = regression[..., 2].exp() * ha
+        yc = regression[..., 0] * ha + ya
+        xc = regression[..., 1] * wa + xa
+        return torch.stack((xc - w / 2.0, yc - h / 2.0, xc + w / 2.0, yc + h / 2.0), dim=2)
+
+
+class ClipBoxes(nn.Module):
+    """Clip boxes to the network input: x to [0, W − 1], y to [0, H − 1]."""
+
+    def forward(self, boxes: Tensor, image: Tensor) -> Tensor:
+        """boxes: Tensor[B, N, 4] (x1, y1, x2, y2); image: Tensor[B, C, H, W] -> clipped copy."""
+        height, width = image.shape[-2], image.shape[-1]
+        x1 = boxes[..., 0].clamp(min=0)
+        y1 = boxes[..., 1].clamp(min=0)
+        x2 = boxes[..., 2].clamp(max=width - 1)
+        y2 = boxes[..., 3].clamp(max=height - 1)
+        return torch.stack((x1, y1, x2, y2), dim=-1)
+
+
+def encode_boxes(gt: Tensor, anchors: Tensor) -> Tensor:
+    """Regression targets (the inverse of :class:`BBoxTransform`, as the published loss computes them).
+
+    gt: Tensor[M, 4] (y1, x1, y2, x2); anchors: Tensor[M, 4] (y1, x1, y2, x2), both input pixels,
+    paired row by row -> Tensor[M, 4] (dy, dx, dh, dw). GT width and height are clamped to ≥ 1.
+    """
+    ha = anchors[:, 2] - anchors[:, 0]
+    wa = anchors[:, 3] - anchors[:, 1]
+    ya = anchors[:, 0] + 0.5 * ha
+    xa = anchors[:, 1] + 0.5 * wa
+    h = (gt[:, 2] - gt[:, 0]).clamp(min=1)
+    w = (gt[:, 3] - gt[:, 1]).clamp(min=1)
+    y = gt[:, 0] + 0.5 * (gt[:, 2] - gt[:, 0])
+    x = gt[:, 1] + 0.5 * (gt[:, 3] - gt[:, 1])
+    return torch.stack(((y - ya) / ha, (x - xa) / wa, torch.log(h / ha), torch.log(w / wa)), dim=1)

@@ -1,0 +1,65 @@
+"""Shared fixtures. Tests that need ``../shared`` (conformance vectors, datasets) skip where it is
+absent (a user's clone) and fail under ``CI=true``."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EFFDET_SHARED", REPO.parent / "shared"))
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def _shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        message = f"{path} not found: the shared conformance data sits beside the checkout in CI"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` (skip where absent, fail under CI=true)."""
+    return _shared_path()
+
+
+@pytest.fixture(scope="session")
+def conformance_dir() -> Path:
+    return _shared_path("conformance")
+
+
+@pytest.fixture(scope="session")
+def d0_weights(conformance_dir):
+    """The seeded D0 state_dict (90 classes) of ``conformance/d0_weights.npz``."""
+    import numpy as np
+    import torch
+
+    data = np.load(conformance_dir / "d0_weights.npz")
+    return {k: torch.from_numpy(data[k]) for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def d0_vectors(conformance_dir):
+    """``conformance/d0_vectors.npz`` as a dict of numpy arrays."""
+    import numpy as np
+
+    data = np.load(conformance_dir / "d0_vectors.npz")
+    return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def d0_model(d0_weights):
+    """D0 (90 classes) with the conformance weights, in eval mode. Do not modify it in a test."""
+    from backbone import EfficientDetBackbone
+
+    model = EfficientDetBackbone(num_classes=90, compound_coef=0).eval()
+    model.load_state_dict(d0_weights, strict=True)
+    return model
