@@ -81,7 +81,6 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for a damaged file; all mean the same here
-
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason[:200]})") from None
     if not isinstance(data, Mapping):
