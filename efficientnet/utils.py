@@ -52,12 +52,16 @@ class Conv2dStaticSamePadding(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
                  bias: bool = True, groups: int = 1, dilation: IntPair = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, bias=bias,
-                              groups=groups, dilation=dilation)
         self.kernel_size = _pair(kernel_size)
         self.stride = _pair(stride)
         self.dilation = _pair(dilation)
-        self._needs_pad = self.kernel_size != (1, 1) or self.stride != (1, 1)
+        # With stride 1 and an odd kernel, "SAME" padding is symmetric for every input size: let the
+        # convolution pad (same numbers, no extra copy of the input).
+        symmetric = self.stride == (1, 1) and all(k % 2 == 1 for k in self.kernel_size)
+        padding = tuple((k - 1) * d // 2 for k, d in zip(self.kernel_size, self.dilation)) if symmetric else 0
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
+                              groups=groups, dilation=dilation)
+        self._needs_pad = not symmetric
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[B, C_in, H, W] -> Tensor[B, C_out, ceil(H / s), ceil(W / s)]."""
