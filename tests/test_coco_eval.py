@@ -1,0 +1,175 @@
+"""coco_eval.py end to end: a D0 checkpoint made here, 3 shape val images at input size 256."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("utils.inference")  # the shared inference path (utils/inference.py)
+
+import torch  # noqa: E402
+
+import coco_eval  # noqa: E402
+from backbone import EfficientDetBackbone  # noqa: E402
+from utils.evaluation import STAT_NAMES  # noqa: E402
+
+NUM_IMAGES = 3
+PROJECT_YAML = """\
+project_name: shape
+train_set: train
+val_set: val
+num_gpus: 1
+mean: [0.485, 0.456, 0.406]
+std: [0.229, 0.224, 0.225]
+anchors_scales: '[2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0)]'
+anchors_ratios: '[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]'
+obj_list: ['rectangle', 'circle']
+"""
+
+
+def make_checkpoint(path: Path, num_classes: int = 2) -> Path:
+    """A D0 state_dict whose class scores come only from P7 (2x2 positions at input 256), so a
+    handful of boxes pass the 0.05 threshold whatever the image: P3–P6 features are zeroed by
+    their last class-head BN, P7's are a constant, and the output layer turns that constant into
+    logits between -2 and 2 (per anchor and class), leaving -10 at the other levels."""
+    torch.manual_seed(0)
+    model = EfficientDetBackbone(num_classes=num_classes, compound_coef=0)
+    state = model.state_dict()
+    last = model.config.head_repeats - 1
+    for level in range(5):
+        state[f"classifier.bn_list.{level}.{last}.weight"].zero_()
+        state[f"classifier.bn_list.{level}.{last}.bias"].fill_(2.0 if level == 4 else -20.0)
+    header = "classifier.header."
+    state[header + "depthwise_conv.conv.weight"].fill_(0.25)  # a 2x2 map: each position sees 4 taps
+    constant = 4 * 0.25 * 2.0 * torch.sigmoid(torch.tensor(2.0))  # swish(2) through the depthwise conv
+    channels = state[header + "pointwise_conv.conv.bias"].shape[0]
+    targets = torch.linspace(-2.0, 2.0, channels)
+    state[header + "pointwise_conv.conv.bias"].fill_(-10.0)
+    weight = state[header + "pointwise_conv.conv.weight"]
+    weight.zero_()
+    weight[:, :, 0, 0] = ((targets + 10.0) / (constant * weight.shape[1]))[:, None]
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture()
+def setup(shared_dir, tmp_path):
+    """tmp data_path/shape/{val, annotations} with NUM_IMAGES images, a project YAML, a checkpoint."""
+    shape = shared_dir / "data" / "shape"
+    data = json.loads((shape / "annotations" / "instances_val.json").read_text())
+    data["images"] = data["images"][:NUM_IMAGES]
+    keep = {image["id"] for image in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    root = tmp_path / "datasets"
+    (root / "shape" / "val").mkdir(parents=True)
+    (root / "shape" / "annotations").mkdir()
+    for image in data["images"]:
+        shutil.copy(shape / "val" / image["file_name"], root / "shape" / "val" / image["file_name"])
+    ann_file = root / "shape" / "annotations" / "instances_val.json"
+    ann_file.write_text(json.dumps(data))
+    project = tmp_path / "shape.yml"
+    project.write_text(PROJECT_YAML)
+    weights = make_checkpoint(tmp_path / "d0-shape.pth")
+    return {"root": root, "project": project, "weights": weights, "ann_file": ann_file, "data": data,
+            "out": tmp_path / "out", "tmp": tmp_path}
+
+
+def argv(setup, *extra: str):
+    return ["-c", "0", "-p", str(setup["project"]), "-w", str(setup["weights"]), "--data_path", str(setup["root"]),
+            "--input_size", "256", "--output", str(setup["out"]), "--device", "cpu", "--no_progress", *extra]
+
+
+def test_end_to_end_results_json_and_printed_metrics(setup, capsys):
+    metrics_file = setup["tmp"] / "metrics.json"
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--batch_size", "2", "--save_json",
+                                                    str(metrics_file)))) == 0
+    out = capsys.readouterr().out
+
+    results_file = setup["out"] / "val_bbox_results.json"
+    results = json.loads(results_file.read_text())
+    assert results, "the checkpoint is built to give detections"
+    image_ids = {image["id"] for image in setup["data"]["images"]}
+    sizes = {image["id"]: (image["width"], image["height"]) for image in setup["data"]["images"]}
+    for record in results:
+        assert set(record) == {"image_id", "category_id", "bbox", "score"}
+        assert record["image_id"] in image_ids
+        assert record["category_id"] in (1, 2)
+        assert 0.05 < record["score"] <= 1.0
+        x, y, w, h = record["bbox"]
+        width, height = sizes[record["image_id"]]
+        # xywh in original (512 px) image coordinates, not (x1, y1, x2, y2) and not the 256 px input
+        assert w >= 0 and h >= 0 and x >= 0 and y >= 0
+        assert x + w <= width + 1e-3 and y + h <= height + 1e-3
+    assert max(r["bbox"][0] + r["bbox"][2] for r in results) > 256  # mapped back from the 256 px input
+
+    assert out.count("Average Precision  (AP) @[") == 6 and out.count("Average Recall     (AR) @[") == 6
+    assert "rectangle" in out and "circle" in out
+    saved = json.loads(metrics_file.read_text())
+    assert set(STAT_NAMES) <= set(saved) and saved["empty"] is False
+    assert saved["num_images"] == NUM_IMAGES and saved["num_detections"] == len(results)
+    for name in STAT_NAMES:
+        assert f"= {saved[name]:0.3f}" in out
+
+    # a second run re-scores the file without the model (the weights may be gone) unless --override
+    setup["weights"].unlink()
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--save_json", str(metrics_file)))) == 0
+    assert "re-scoring the existing" in capsys.readouterr().out
+    assert json.loads(metrics_file.read_text())["AP"] == saved["AP"]
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--override"))) == 1
+    assert "weights file not found" in capsys.readouterr().err
+
+
+def test_missing_annotations_is_one_line(setup, capsys):
+    setup["ann_file"].unlink()
+    assert coco_eval.main(coco_eval.parse_args(argv(setup))) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "annotation file not found" in err and "instances_val.json" in err
+    assert not (setup["out"] / "val_bbox_results.json").exists()
+
+
+def test_weights_for_another_class_count_fail(setup, capsys):
+    other = make_checkpoint(setup["tmp"] / "d0-3classes.pth", num_classes=3)
+    args = argv(setup)
+    args[args.index("-w") + 1] = str(other)
+    assert coco_eval.main(coco_eval.parse_args(args)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "checkpoint has 3 classes, model has 2" in err and "Traceback" not in err
+
+
+def test_empty_result_prints_zero_map(setup, capsys):
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--threshold", "0.99"))) == 0
+    out = capsys.readouterr().out
+    assert "mAP = 0" in out and "no detections" in out
+    assert json.loads((setup["out"] / "val_bbox_results.json").read_text()) == []
+
+
+def test_results_with_unknown_image_ids_fail(setup, capsys):
+    setup["out"].mkdir()
+    (setup["out"] / "val_bbox_results.json").write_text(json.dumps(
+        [{"image_id": 4242, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9}]))
+    assert coco_eval.main(coco_eval.parse_args(argv(setup))) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "4242" in err
+
+
+def test_bad_input_size_is_rejected(setup, capsys):
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--input_size", "200"))) == 1
+    assert "multiple of 128" in capsys.readouterr().err
+
+
+def test_missing_image_folder_is_one_line(setup, capsys):
+    shutil.rmtree(setup["root"] / "shape" / "val")
+    assert coco_eval.main(coco_eval.parse_args(argv(setup))) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "image folder not found" in err
+
+
+def test_parse_args_defaults():
+    args = coco_eval.parse_args(["-p", "shape"])
+    assert (args.compound_coef, args.threshold, args.nms_threshold, args.batch_size) == (0, 0.05, 0.5, 1)
+    assert args.data_path == "datasets/" and args.output == "." and not args.override and not args.float16
+    assert args.max_images is None and args.input_size is None and not math.isnan(args.threshold)
