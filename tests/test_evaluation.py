@@ -242,8 +242,9 @@ def test_missing_or_malformed_files_raise(coco_tiny, tmp_path):
         load_results([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}])
 
 
-def test_annotation_id_zero_is_reported(shared_dir, tmp_path, caplog):
-    """shape's ids start at 0: pycocotools never matches annotation 0, and the evaluation says so."""
+def test_annotation_id_zero_is_matched(shared_dir, tmp_path):
+    """shape's annotation ids start at 0, which pycocotools takes for "unmatched": the evaluation
+    renumbers them, so ground truth as detections scores a perfect AP (pycocotools alone gives less)."""
     data = json.loads((shared_dir / "data" / "shape" / "annotations" / "instances_val.json").read_text())
     data["images"] = data["images"][:2]
     keep = {image["id"] for image in data["images"]}
@@ -255,11 +256,10 @@ def test_annotation_id_zero_is_reported(shared_dir, tmp_path, caplog):
                for a in data["annotations"]]
     results_file = tmp_path / "results.json"
     results_file.write_text(json.dumps(results))
-    with caplog.at_level(logging.WARNING, logger="utils.evaluation"):
-        metrics = evaluate_coco(ann_file, results)
-    assert "annotation with id 0" in caplog.text
+    metrics = evaluate_coco(ann_file, results)
+    assert metrics["AP"] == pytest.approx(1.0)
     reference, _ = pycocotools_eval(ann_file, results_file)
-    assert metrics["AP"] == float(reference.stats[0]) < 1.0
+    assert float(reference.stats[0]) < 1.0
 
 
 def test_metrics_to_json_is_strict_json(coco_tiny):

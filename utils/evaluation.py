@@ -16,8 +16,8 @@ so library code prints nothing. The 12 numbers are pycocotools' own ``COCOeval.s
 an area range has no ground truth, exactly as pycocotools reports it).
 
 Note on annotation ids: pycocotools uses annotation id 0 to mean "unmatched", so a ground-truth
-annotation whose ``id`` is 0 can never be matched (the ``shape`` dataset starts its ids at 0). The
-evaluation keeps pycocotools' numbers unchanged and logs a warning when it sees such an id.
+annotation whose ``id`` is 0 could never be matched (the ``shape`` dataset starts its ids at 0). The
+evaluation renumbers annotation ids (in memory, +1) when it sees an id 0.
 """
 from __future__ import annotations
 
@@ -227,6 +227,11 @@ def evaluate_coco(ann_file: PathLike, results: Union[PathLike, Sequence[Mapping[
     data = load_coco_annotations(ann_file)
     records = load_results(results)
 
+    if any(ann.get("id") == 0 for ann in data["annotations"]):
+        # pycocotools uses annotation id 0 to mean "unmatched": renumber (in memory only) so such a
+        # ground truth can be matched. Ids carry no other meaning in the metric.
+        logger.info("%s has an annotation with id 0: annotation ids shifted by 1 for pycocotools", ann_file)
+        data = dict(data, annotations=[dict(a, id=int(a["id"]) + 1) for a in data["annotations"]])
     coco_gt = COCO()
     coco_gt.dataset = data
     _quietly(coco_gt.createIndex)
@@ -252,9 +257,6 @@ def evaluate_coco(ann_file: PathLike, results: Union[PathLike, Sequence[Mapping[
         logger.warning("%d result(s) have category ids absent from %s (%s): pycocotools ignores them",
                        sum(1 for r in records if int(r["category_id"]) in unknown_categories), ann_file,
                        _first_few(unknown_categories))
-    if any(ann.get("id") == 0 for ann in data["annotations"]):
-        logger.warning("%s has an annotation with id 0: pycocotools never matches it (it counts as a miss)",
-                       ann_file)
 
     category_names = {int(c["id"]): str(c.get("name", "")) for c in data["categories"]}
     metrics: Dict[str, Any] = {}
