@@ -60,7 +60,7 @@ Transform = Callable[[Sample, np.random.Generator], Sample]
 
 #: Reasons an annotation or image is left out, as counted in :attr:`CocoDataset.skipped`.
 SKIP_REASONS = ("crowd", "degenerate", "outside", "missing_image")
-#: A box may overshoot the image by this many pixels (it is clipped); beyond, it is skipped.
+#: Overshoot (pixels) beyond which a box counts as crossing the image border (counted in ``clipped``).
 OUTSIDE_TOLERANCE = 1.0
 #: Boxes narrower or lower than this (pixels) are dropped, at loading and after jitter + crop.
 MIN_BOX_SIZE = 1.0
@@ -258,9 +258,12 @@ class CocoDataset(Dataset):
         skip_missing: leave out images whose file is missing (logged and counted) instead of raising.
         seed: makes augmentation deterministic per (seed, epoch, index); None draws fresh entropy.
 
-    Annotations kept: not crowd, width and height ≥ 1 px, inside the image (up to 1 px overshoot,
-    clipped). Others are skipped with a warning and counted in :attr:`skipped`. Images without a
-    kept annotation stay in the set (negatives; ``annot`` is ``np.ndarray[0, 5]``).
+    Annotations kept: not crowd, width and height ≥ 1 px, at least 1 px × 1 px inside the image. Boxes
+    crossing the image border are clipped to it (the visible part of an object cut by the border, as the
+    official pipeline's box clipping; ``../shared/data/shape`` has many) and counted in :attr:`clipped`
+    (more than 1 px overshoot). Crowd boxes are counted in ``skipped['crowd']``; degenerate boxes and boxes
+    outside the image are skipped with a warning and counted in :attr:`skipped` (one summary line per
+    dataset). Images without a kept annotation stay in the set (negatives; ``annot`` is ``np.ndarray[0, 5]``).
 
     Raises:
         FileNotFoundError: the annotation file does not exist.
@@ -285,6 +288,7 @@ class CocoDataset(Dataset):
         self.annotation_file = self.root / "annotations" / f"instances_{self.set_name}.json"
         self.image_dir = self.root / self.set_name
         self.skipped: Dict[str, int] = {reason: 0 for reason in SKIP_REASONS}
+        self.clipped = 0
         self._records: List[_ImageRecord] = []
         self._annotations: List[np.ndarray] = []
         self._size_warned: set = set()
@@ -403,18 +407,20 @@ class CocoDataset(Dataset):
                                      f"{MIN_BOX_SIZE:g} px), skipped")
             return
         x1, y1, x2, y2 = x, y, x + w, y + h
-        if (x1 < -OUTSIDE_TOLERANCE or y1 < -OUTSIDE_TOLERANCE or x2 > record.width + OUTSIDE_TOLERANCE
-                or y2 > record.height + OUTSIDE_TOLERANCE):
-            self._warn("outside", f"{where}: box {list(bbox)} lies outside the {record.width}x{record.height} "
-                                  "image, skipped")
+        overshoot = max(-x1, -y1, x2 - record.width, y2 - record.height)
+        cx1, cx2 = min(max(x1, 0.0), record.width), min(max(x2, 0.0), record.width)
+        cy1, cy2 = min(max(y1, 0.0), record.height), min(max(y2, 0.0), record.height)
+        if cx2 - cx1 < MIN_BOX_SIZE or cy2 - cy1 < MIN_BOX_SIZE:
+            if overshoot > OUTSIDE_TOLERANCE:
+                self._warn("outside", f"{where}: box {list(bbox)} lies outside the {record.width}x{record.height} "
+                                      f"image (under {MIN_BOX_SIZE:g} px of it inside), skipped")
+            else:
+                self._warn("degenerate", f"{where}: box {list(bbox)} is under {MIN_BOX_SIZE:g} px once clipped "
+                                         "to the image, skipped")
             return
-        x1, x2 = min(max(x1, 0.0), record.width), min(max(x2, 0.0), record.width)
-        y1, y2 = min(max(y1, 0.0), record.height), min(max(y2, 0.0), record.height)
-        if x2 - x1 < MIN_BOX_SIZE or y2 - y1 < MIN_BOX_SIZE:
-            self._warn("degenerate", f"{where}: box {list(bbox)} is under {MIN_BOX_SIZE:g} px once clipped to "
-                                     "the image, skipped")
-            return
-        boxes[record.image_id].append([x1, y1, x2, y2, float(category_id - 1)])
+        if overshoot > OUTSIDE_TOLERANCE:
+            self.clipped += 1
+        boxes[record.image_id].append([cx1, cy1, cx2, cy2, float(category_id - 1)])
 
     def _check_category_names(self, categories: Any) -> None:
         """Warn (once) where the json's category names differ from ``obj_list`` at ``id - 1``."""
@@ -436,6 +442,7 @@ class CocoDataset(Dataset):
         num_boxes = sum(len(a) for a in self._annotations)
         counts = ", ".join(f"{reason} {count}" for reason, count in self.skipped.items() if count)
         message = (f"{self.annotation_file}: {len(self._records)} of {num_listed} images, {num_boxes} boxes"
+                   + (f" ({self.clipped} clipped to the image border)" if self.clipped else "")
                    + (f"; skipped: {counts}" if counts else ""))
         bad = sum(count for reason, count in self.skipped.items() if reason != "crowd")
         logger.log(logging.WARNING if bad else logging.INFO, message)
@@ -541,17 +548,19 @@ class DataBundle(NamedTuple):
 
 def create_dataloaders(project: ProjectLike, data_path: Union[str, Path], input_size: int, batch_size: int,
                        num_workers: int = 0, flip: bool = True, scale_jitter: bool = False,
-                       jitter_range: Tuple[float, float] = (0.1, 2.0), train_sampler: Optional[Sampler] = None,
-                       val_sampler: Optional[Sampler] = None, seed: Optional[int] = None,
+                       jitter_range: Tuple[float, float] = (0.1, 2.0),
+                       sampler: Optional[Callable[[CocoDataset, bool], Sampler]] = None, seed: Optional[int] = None,
                        skip_missing: bool = False, pin_memory: bool = False,
                        val_batch_size: Optional[int] = None) -> DataBundle:
     """Train and val sets of ``data_path/project.project_name`` and their DataLoaders.
 
     Train: ``project.train_set`` with normalise, [flip], [scale jitter + crop] or resize; shuffled (by
-    ``torch.Generator().manual_seed(seed)`` when ``seed`` is set) unless ``train_sampler`` is given (e.g.
-    a ``DistributedSampler``, whose ``set_epoch`` the caller calls); ``drop_last=True`` as published.
+    ``torch.Generator().manual_seed(seed)`` when ``seed`` is set); ``drop_last=True`` as published.
     Val: ``project.val_set`` with normalise + resize, in order, every image (``drop_last=False``).
-    Call ``train_set.set_epoch(epoch)`` each epoch for a new augmentation stream with ``seed`` set.
+    ``sampler(dataset, train) -> Sampler`` replaces shuffling for both loaders, e.g.
+    ``lambda ds, train: DistributedSampler(ds, shuffle=train, seed=seed or 0)`` (the caller calls its
+    ``set_epoch``). Call ``train_set.set_epoch(epoch)`` each epoch for a new augmentation stream with
+    ``seed`` set.
 
     Raises:
         FileNotFoundError / ValueError: from :class:`CocoDataset`; bad sizes or a train set smaller than
@@ -567,6 +576,8 @@ def create_dataloaders(project: ProjectLike, data_path: Union[str, Path], input_
     train_set = CocoDataset(root, project.train_set, project, transform=train_tf, skip_missing=skip_missing,
                             seed=seed)
     val_set = CocoDataset(root, project.val_set, project, transform=val_tf, skip_missing=skip_missing, seed=seed)
+    train_sampler = sampler(train_set, True) if sampler is not None else None
+    val_sampler = sampler(val_set, False) if sampler is not None else None
     if train_sampler is None and len(train_set) < batch_size:
         raise ValueError(f"{train_set.annotation_file}: {len(train_set)} images, fewer than one batch of "
                          f"{batch_size} (the training loader drops incomplete batches)")
