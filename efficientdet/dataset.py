@@ -6,6 +6,8 @@ Layout (the published one, ``root`` = ``--data_path/PROJECT``)::
     root/<set_name>/<file_name>
 
 Classes: ``label = category_id - 1`` indexes the project's ``obj_list`` (``''`` marks an unused id).
+Annotations: crowd boxes skipped, boxes under 1 px dropped, boxes crossing the image border clipped to it
+(see :class:`CocoDataset`); COCO ``[x, y, w, h]`` becomes ``(x1, y1, x2, y2)``.
 
 A sample is a dict::
 
@@ -159,7 +161,9 @@ class RandomScaleCrop:
     ``size × size`` window is cropped where the scaled image is larger (offset ``int(U(0, 1) * excess)``),
     and the result is pasted top-left on a zero canvas. Boxes: ``b * s - offset``, clipped to
     ``[0, size]``; boxes narrower or lower than ``min_box_size`` after clipping are removed (the official
-    code removes zero-area boxes). With ``f = 1`` this is exactly :class:`Resizer`.
+    code removes zero-area boxes). With ``f = 1`` this is exactly :class:`Resizer`. The sample's ``scale``
+    becomes ``s`` (times any earlier scale); mapping boxes back also needs the crop offset, so evaluate
+    with :class:`Resizer`.
     """
 
     def __init__(self, size: int = 512, scale_range: Tuple[float, float] = (0.1, 2.0),

@@ -104,7 +104,8 @@ def test_shared_shape_val(shared_dir):
     assert len(raw) == 100 and raw.image_ids[0] == 0
     assert sum(len(raw.load_annotations(i)) for i in range(len(raw))) == len(data["annotations"])
     # shapes cut by the image border (many circles here) keep their visible part: clipped, not skipped
-    crossing = [a for a in data["annotations"] if a["bbox"][0] + a["bbox"][2] > 513 or a["bbox"][1] + a["bbox"][3] > 513]
+    crossing = [a for a in data["annotations"]
+                if a["bbox"][0] + a["bbox"][2] > 513 or a["bbox"][1] + a["bbox"][3] > 513]
     assert len(crossing) > 0 and raw.clipped == len(crossing) and sum(raw.skipped.values()) == 0
     image_id = crossing[0]["image_id"]
     index = raw.image_ids.index(image_id)
