@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +43,19 @@ def _evaluate(node: ast.AST, text: str) -> Any:
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
         left, right = _evaluate(node.left, text), _evaluate(node.right, text)
+        if isinstance(left, list) or isinstance(right, list):
+            raise ValueError(f"arithmetic on a list in {text!r}: only numbers can be combined")
         if isinstance(node.op, ast.Pow) and abs(right) > 64:
             raise ValueError(f"exponent too large in {text!r}")
-        return _BINARY_OPS[type(node.op)](left, right)
+        try:
+            return _BINARY_OPS[type(node.op)](left, right)
+        except (ZeroDivisionError, OverflowError) as exc:
+            raise ValueError(f"cannot evaluate {text!r}: {exc}") from None
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
-        return _UNARY_OPS[type(node.op)](_evaluate(node.operand, text))
+        operand = _evaluate(node.operand, text)
+        if isinstance(operand, list):
+            raise ValueError(f"arithmetic on a list in {text!r}: only numbers can be combined")
+        return _UNARY_OPS[type(node.op)](operand)
     if isinstance(node, (ast.List, ast.Tuple)):
         return [_evaluate(e, text) for e in node.elts]
     raise ValueError(f"unsupported expression {ast.dump(node)[:40]!r} in {text!r}: "
@@ -58,6 +67,7 @@ def parse_number_list(value: Union[str, list, tuple]) -> list:
 
     Accepts an already-parsed YAML list too. Raises ValueError for anything but arithmetic.
     """
+    original = value
     if isinstance(value, str):
         try:
             tree = ast.parse(value.strip(), mode="eval")
@@ -66,7 +76,7 @@ def parse_number_list(value: Union[str, list, tuple]) -> list:
         value = _evaluate(tree.body, value)
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"expected a list, got {value!r}")
-    return _to_floats(value, value)
+    return _to_floats(value, original)
 
 
 def _to_floats(value: Any, context: Any) -> Any:
@@ -74,7 +84,13 @@ def _to_floats(value: Any, context: Any) -> Any:
         return [_to_floats(v, context) for v in value]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a number, got {value!r} in {context!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"number too large in {context!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r} in {context!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -109,7 +125,7 @@ REQUIRED_KEYS = ("project_name", "train_set", "val_set", "num_gpus", "mean", "st
 def resolve_project_path(project: Union[str, Path]) -> Path:
     """``coco`` -> ``projects/coco.yml``; an existing path is returned as is."""
     path = Path(project)
-    if path.suffix in (".yml", ".yaml") or path.exists():
+    if path.suffix in (".yml", ".yaml") or path.is_file():
         return path
     return PROJECTS_DIR / f"{project}.yml"
 
@@ -169,6 +185,8 @@ def load_project(project: Union[str, Path]) -> ProjectConfig:
     obj_list = data["obj_list"]
     if not isinstance(obj_list, list) or not obj_list:
         raise bad("obj_list", "expected a non-empty list of class names")
+    if any(isinstance(n, (list, dict)) for n in obj_list):
+        raise bad("obj_list", "expected class names (strings), not nested lists or mappings")
     names = tuple("" if n is None else str(n) for n in obj_list)
     extra = {k: v for k, v in data.items() if k not in REQUIRED_KEYS}
     return ProjectConfig(

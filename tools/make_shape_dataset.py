@@ -1,0 +1,114 @@
+"""Write a synthetic two-class "shape" dataset (rectangle = 1, circle = 2) in the published COCO layout.
+
+    OUT/train/0.jpg …          OUT/val/N.jpg …
+    OUT/annotations/instances_train.json, OUT/annotations/instances_val.json
+
+Image ids start at 0 in each json (as ``../shared/data/shape``); file names continue across the sets
+(train ``0.jpg`` …, val ``<num_train>.jpg`` …). Boxes are ``[x, y, w, h]`` pixels covering exactly the
+pixels drawn: a rectangle covers columns ``x … x + w - 1``, a circle of radius r centred at (cx, cy) has
+the box ``[cx - r, cy - r, 2r + 1, 2r + 1]``. Shapes may overlap; some images have none (negatives).
+
+    python tools/make_shape_dataset.py --out datasets/shape --num-train 900 --num-val 100 --size 512
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CATEGORIES = [{"id": 1, "name": "rectangle", "supercategory": "None"},
+              {"id": 2, "name": "circle", "supercategory": "None"}]
+
+
+def _draw_image(rng: np.random.Generator, size: int, max_shapes: int
+                ) -> Tuple[np.ndarray, List[Tuple[int, List[float]]]]:
+    """One BGR ``np.ndarray[size, size, 3] uint8`` and its shapes as ``(category_id, [x, y, w, h])``."""
+    background = rng.integers(0, 96, size=3)
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = background.astype(np.uint8)
+    shapes: List[Tuple[int, List[float]]] = []
+    min_side, max_side = max(4, size // 16), max(8, size // 4)
+    for _ in range(int(rng.integers(0, max_shapes + 1))):
+        color = tuple(int(c) for c in rng.integers(128, 256, size=3))  # brighter than the background
+        if rng.random() < 0.5:
+            w, h = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
+            x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+            cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), color, thickness=-1)
+            shapes.append((1, [float(x), float(y), float(w), float(h)]))
+        else:
+            r = int(rng.integers(min_side // 2, max_side // 2 + 1))
+            cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
+            cv2.circle(image, (cx, cy), r, color, thickness=-1)
+            shapes.append((2, [float(cx - r), float(cy - r), float(2 * r + 1), float(2 * r + 1)]))
+    return image, shapes
+
+
+def make_shape_dataset(out: Path, num_train: int = 900, num_val: int = 100, size: int = 512, seed: int = 0,
+                       max_shapes: int = 4) -> Dict[str, Path]:
+    """Write the dataset under ``out``; returns ``{set_name: annotation json path}``.
+
+    Deterministic for a given ``seed``. Raises ValueError for non-positive sizes or negative counts.
+    """
+    if size < 32 or num_train < 0 or num_val < 0 or max_shapes < 0:
+        raise ValueError(f"need size >= 32 and non-negative counts, got size={size}, num_train={num_train}, "
+                         f"num_val={num_val}, max_shapes={max_shapes}")
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    written: Dict[str, Path] = {}
+    file_index = 0
+    for set_name, count in (("train", num_train), ("val", num_val)):
+        (out / set_name).mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(count):
+            image, shapes = _draw_image(rng, size, max_shapes)
+            file_name = f"{file_index}.jpg"
+            file_index += 1
+            if not cv2.imwrite(str(out / set_name / file_name), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+                raise ValueError(f"cannot write image {out / set_name / file_name}")
+            images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+            for category_id, (x, y, w, h) in shapes:
+                annotations.append({"id": len(annotations), "image_id": image_id, "category_id": category_id,
+                                    "iscrowd": 0, "area": w * h, "bbox": [x, y, w, h],
+                                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+        path = out / "annotations" / f"instances_{set_name}.json"
+        path.write_text(json.dumps({"info": {"description": "synthetic shapes"}, "licenses": [],
+                                    "categories": CATEGORIES, "images": images, "annotations": annotations}),
+                        encoding="utf-8")
+        logger.info("%s: %d images, %d boxes", path, len(images), len(annotations))
+        written[set_name] = path
+    return written
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder (e.g. datasets/shape)")
+    parser.add_argument("--num-train", type=int, default=900)
+    parser.add_argument("--num-val", type=int, default=100)
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--max-shapes", type=int, default=4, help="at most this many shapes per image")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        written = make_shape_dataset(args.out, args.num_train, args.num_val, args.size, args.seed, args.max_shapes)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {', '.join(str(p) for p in written.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
