@@ -1,14 +1,18 @@
 """The assembled detector: EfficientNet → BiFPN cells → Regressor and Classifier, plus Anchors."""
 from __future__ import annotations
 
+import math
 from typing import Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from efficientdet.anchors import DEFAULT_RATIOS, DEFAULT_SCALES, Anchors
 from efficientdet.config import ModelConfig, get_model_config
 from efficientdet.model import BiFPN, Classifier, Regressor
 from efficientnet.model import EfficientNetBackbone
+
+CLASS_PRIOR = 0.01  # official initial foreground probability of the class head
 
 # Padding value of the BiFPN's stride-2 max-pools: zeros in the published PyTorch checkpoints,
 # -inf (TensorFlow semantics) in the official ones.
@@ -60,6 +64,15 @@ class EfficientDetBackbone(nn.Module):
         self.classifier = Classifier(cfg.fpn_channels, num_anchors, num_classes, cfg.head_repeats, num_levels)
         self.anchors = Anchors(cfg.anchor_scale, cfg.pyramid_levels, scales=scales, ratios=ratios)
         self.backbone_net = backbone
+        self.reset_head_biases()
+
+    @torch.no_grad()
+    def reset_head_biases(self, prior: float = CLASS_PRIOR) -> None:
+        """Initialise the output biases as the official model does: the class output at
+        ``-log((1 - prior) / prior)`` (every anchor starts as background with probability
+        ``1 - prior``, which keeps the focal loss of a fresh head small), the box output at 0."""
+        self.classifier.header.pointwise_conv.conv.bias.fill_(-math.log((1.0 - prior) / prior))
+        self.regressor.header.pointwise_conv.conv.bias.zero_()
 
     def check_input_size(self, height: int, width: int) -> None:
         """ValueError unless both sides are positive multiples of the largest stride."""

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from backbone import EfficientDetBackbone
 from efficientdet.config import get_model_config
-from efficientdet.dataset import build_dataloader
+from efficientdet.dataset import create_dataloaders
 from efficientdet.loss import FocalLoss
 from utils.device import select_device
 from utils.project import ProjectConfig, load_project
@@ -210,8 +210,14 @@ class Trainer:
         seed_everything(args.seed)
 
         self.data_root = Path(args.data_path) / name
-        self.train_loader, self.train_sampler = self._loader(self.project.train_set, train=True)
-        self.val_loader, self.val_sampler = self._loader(self.project.val_set, train=False)
+        self.data = create_dataloaders(
+            self.project, args.data_path, self.input_size, args.batch_size, num_workers=args.num_workers,
+            flip=not args.no_flip, scale_jitter=args.scale_jitter, seed=args.seed,
+            pin_memory=device.type == "cuda",
+            sampler=lambda dataset, train: ResumableSampler(len(dataset), shuffle=train, seed=args.seed,
+                                                             rank=self.rank, world_size=self.world))
+        self.train_loader, self.val_loader = self.data.train_loader, self.data.val_loader
+        self.train_sampler: ResumableSampler = self.train_loader.sampler
 
         model = EfficientDetBackbone(num_classes=self.project.num_classes, compound_coef=args.compound_coef,
                                      ratios=self.project.anchors_ratios, scales=self.project.anchors_scales,
@@ -235,7 +241,7 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(device)
         self.model = model
-        self.net = ModelWithLoss(model, FocalLoss(formulation=self.loss_name))
+        self.net = ModelWithLoss(model, FocalLoss(self.loss_name, from_logits=True))
         if self.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.local_rank] if device.type == "cuda" else None)
@@ -257,15 +263,6 @@ class Trainer:
     def log(self, message: str) -> None:
         if self.is_main:
             tqdm.write(message)
-
-    def _loader(self, set_name: str, train: bool):
-        args = self.args
-        sampler_factory = lambda length: ResumableSampler(  # noqa: E731
-            length, shuffle=train, seed=args.seed, rank=self.rank, world_size=self.world)
-        return build_dataloader(
-            self.project, self.data_root, set_name, input_size=self.input_size, batch_size=args.batch_size,
-            num_workers=args.num_workers, train=train, flip=train and not args.no_flip,
-            scale_jitter=train and args.scale_jitter, seed=args.seed, sampler_factory=sampler_factory)
 
     def _checkpoint(self) -> Dict[str, Any]:
         return {
@@ -398,6 +395,7 @@ class Trainer:
         args, state = self.args, self.state
         while state.epoch < args.num_epochs:
             self.train_sampler.set_epoch(state.epoch, state.epoch_step * args.batch_size)
+            self.data.train_set.set_epoch(state.epoch)
             epoch_losses: List[float] = []
             bar = tqdm(self.train_loader, disable=not self.is_main, dynamic_ncols=True,
                        desc=f"epoch {state.epoch + 1}/{args.num_epochs}",
