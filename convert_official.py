@@ -216,9 +216,10 @@ class CheckpointFacts:
     class_outputs: Optional[int]
 
     def matching_models(self) -> List[ModelConfig]:
+        facts = (self.backbone, self.fpn_channels, self.fpn_cells, self.num_nodes, self.head_repeats)
         return [cfg for cfg in MODEL_CONFIGS
-                if (cfg.backbone, cfg.fpn_channels, cfg.fpn_cells, 2 * (cfg.max_level - cfg.min_level), cfg.head_repeats)
-                == (self.backbone, self.fpn_channels, self.fpn_cells, self.num_nodes, self.head_repeats)]
+                if (cfg.backbone, cfg.fpn_channels, cfg.fpn_cells, 2 * (cfg.max_level - cfg.min_level),
+                    cfg.head_repeats) == facts]
 
     def describe(self) -> str:
         names = "/".join(cfg.name for cfg in self.matching_models()) or "no known model"
@@ -274,7 +275,8 @@ def convert(reader: TFCheckpointReader, compound_coef: int, num_classes: int = 9
     num_anchors = model.classifier.num_anchors
     if facts.class_outputs is not None and facts.class_outputs != num_anchors * num_classes:
         raise ValueError(f"{reader.prefix}: checkpoint has {facts.class_outputs // num_anchors} classes "
-                         f"({facts.class_outputs} class outputs / {num_anchors} anchors), --num_classes is {num_classes}")
+                         f"({facts.class_outputs} class outputs / {num_anchors} anchors), "
+                         f"--num_classes is {num_classes}")
     own = model.state_dict()
 
     available = set(reader.names())
@@ -338,7 +340,8 @@ def save_atomic(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Convert an official EfficientDet TF checkpoint to a PyTorch state_dict")
+    parser = argparse.ArgumentParser(
+        description="Convert an official EfficientDet TF checkpoint to a PyTorch state_dict")
     parser.add_argument("-c", "--compound_coef", type=int, required=True, help="model: 0..8 (D0..D7x)")
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (with a 'checkpoint' file) or prefix")
     parser.add_argument("-o", "--output", required=True, help="output .pth path")

@@ -129,7 +129,8 @@ def official_postprocess(regression: Tensor, classification: Tensor, anchors: Te
     if classification.dim() != 3 or classification.shape[:2] != regression.shape[:2]:
         raise ValueError(f"classification must be Tensor[B, N, C] with B, N of regression {tuple(regression.shape)}, "
                          f"got shape {tuple(classification.shape)}")
-    if anchors.dim() != 3 or anchors.shape[1] != regression.shape[1] or anchors.shape[0] not in (1, regression.shape[0]):
+    if (anchors.dim() != 3 or anchors.shape[1] != regression.shape[1]
+            or anchors.shape[0] not in (1, regression.shape[0])):
         raise ValueError(f"anchors must be Tensor[1 or B, N, 4] with N = {regression.shape[1]}, "
                          f"got shape {tuple(anchors.shape)}")
     height, width = _image_hw(image_size)

@@ -130,7 +130,9 @@ def _raw_crc_lanes(data: np.ndarray) -> int:
 
 def crc32c(data: Union[bytes, bytearray, memoryview, np.ndarray]) -> int:
     """CRC-32C (Castagnoli) of ``data``, as ``crc32c::Value`` in TensorFlow / LevelDB."""
-    buffer = np.frombuffer(bytes(data) if not isinstance(data, np.ndarray) else data.tobytes(), dtype=np.uint8)
+    if isinstance(data, np.ndarray):
+        data = data.tobytes()
+    buffer = np.frombuffer(data, dtype=np.uint8)
     size = buffer.shape[0]
     if size < _SMALL:
         return _raw_crc_python(buffer.tobytes(), 0xFFFFFFFF) ^ 0xFFFFFFFF
@@ -421,7 +423,6 @@ class TFCheckpointReader:
         for entry in self._entries.values():
             if not 0 <= entry.shard_id < self.num_shards:
                 raise ValueError(f"{origin}: tensor {entry.name!r} is in shard {entry.shard_id} of {self.num_shards}")
-        self._shard_bytes: Dict[int, memoryview] = {}
         logger.debug("%s: %d tensors in %d shard(s)", origin, len(self._entries), self.num_shards)
 
     def shard_path(self, shard_id: int) -> Path:
@@ -449,29 +450,28 @@ class TFCheckpointReader:
         """numpy dtype name of ``name`` ("float32", "int64", "bfloat16", ...)."""
         return self.entry(name).dtype
 
-    def _shard(self, shard_id: int) -> memoryview:
-        data = self._shard_bytes.get(shard_id)
-        if data is None:
-            path = self.shard_path(shard_id)
-            if not path.is_file():
-                raise FileNotFoundError(f"checkpoint data shard not found: {path}")
-            data = memoryview(path.read_bytes())
-            self._shard_bytes[shard_id] = data
-        return data
+    def _read_bytes(self, entry: BundleEntry) -> bytes:
+        path = self.shard_path(entry.shard_id)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint data shard not found: {path}")
+        with path.open("rb") as handle:
+            handle.seek(entry.offset)
+            raw = handle.read(entry.size)
+        if len(raw) != entry.size:
+            raise ValueError(f"{path}: tensor {entry.name!r} at bytes {entry.offset}..{entry.offset + entry.size} "
+                             f"lies past the end of the file: truncated data file")
+        return raw
 
     def read(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a numpy array (bfloat16 widened to float32), crc32c verified.
 
         Raises:
-            ValueError: unknown name, data out of the shard's range, or a crc32c mismatch (naming the tensor).
+            FileNotFoundError: its data shard is missing.
+            ValueError: unknown name, data past the end of the shard, or a crc32c mismatch (naming the tensor).
         """
         entry = self.entry(name)
-        shard = self._shard(entry.shard_id)
-        if entry.offset + entry.size > len(shard):
-            raise ValueError(f"{self.shard_path(entry.shard_id)}: tensor {name!r} at bytes {entry.offset}.."
-                             f"{entry.offset + entry.size} lies past the end ({len(shard)} bytes): truncated data file")
-        raw = shard[entry.offset:entry.offset + entry.size]
-        actual = mask_crc(crc32c(np.frombuffer(raw, dtype=np.uint8)))
+        raw = self._read_bytes(entry)
+        actual = mask_crc(crc32c(raw))
         if actual != entry.crc32c:
             raise ValueError(f"{self.shard_path(entry.shard_id)}: crc32c mismatch in tensor {name!r} "
                              f"(index {entry.crc32c:#010x}, data {actual:#010x}): the checkpoint is corrupt")
