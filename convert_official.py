@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from backbone import EfficientDetBackbone
+from efficientdet.anchors import OFFICIAL_RATIOS
 from efficientdet.config import MODEL_CONFIGS, ModelConfig, get_model_config
 from utils.tf_checkpoint import TFCheckpointReader
 
@@ -47,7 +48,6 @@ IGNORED_NAMES = ("global_step",)
 BN_VARIABLES = (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"),
                 ("moving_variance", "running_var"))
 # Official anchor ratios [1.0, 2.0, 0.5] as (sqrt(r), 1/sqrt(r)) (width, height) stretches.
-OFFICIAL_RATIOS: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (2 ** 0.5, 2 ** -0.5), (2 ** -0.5, 2 ** 0.5))
 NUM_BACKBONE_INPUTS = 3  # P3, P4, P5 enter cell 0 from the backbone
 
 Transform = Callable[[List[np.ndarray]], np.ndarray]

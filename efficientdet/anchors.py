@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 DEFAULT_SCALES: Tuple[float, ...] = (2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0))
 DEFAULT_RATIOS: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4))
+# The official TF anchors: aspect ratios [1.0, 2.0, 0.5] as (sqrt(r), 1 / sqrt(r)) width/height stretches.
+OFFICIAL_RATIOS: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (2 ** 0.5, 2 ** -0.5), (2 ** -0.5, 2 ** 0.5))
 
 
 class Anchors(nn.Module):
