@@ -30,7 +30,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="checkpoint (default weights/efficientdet-d{c}.pth, downloaded when missing)")
     parser.add_argument("-p", "--project", default="coco", help="project name under projects/ or a YAML path")
     parser.add_argument("--video", required=True, help="video file, or a webcam index such as 0")
-    parser.add_argument("--output", default="test/video_det.mp4", help="annotated video (mp4v), default test/video_det.mp4")
+    parser.add_argument("--output", default="test/video_det.mp4",
+                        help="annotated video (mp4v), default test/video_det.mp4")
     parser.add_argument("--threshold", type=float, default=0.2, help="score threshold (keep score > it)")
     parser.add_argument("--iou_threshold", type=float, default=0.2, help="NMS IoU threshold (suppress IoU > it)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")

@@ -62,9 +62,9 @@ class Detector:
                              f"lists {project.num_classes} in obj_list")
         if not (_same_numbers(model.anchors.scales, project.anchors_scales)
                 and _same_numbers(model.anchors.ratios, project.anchors_ratios)):
-            raise ValueError(f"model anchors (scales {model.anchors.scales}, ratios {model.anchors.ratios}) differ from "
-                             f"project {project.path or project.project_name} ({project.anchors_scales}, "
-                             f"{project.anchors_ratios})")
+            raise ValueError(f"model anchors (scales {model.anchors.scales}, ratios {model.anchors.ratios}) "
+                             f"differ from project {project.path or project.project_name} "
+                             f"({project.anchors_scales}, {project.anchors_ratios})")
         self.device = select_device(device)
         if float16 and self.device.type != "cuda":
             raise ValueError(f"float16 inference needs a CUDA device, got {self.device}")
@@ -137,7 +137,8 @@ class Detector:
         _, regression, classification, anchors = self.model(inputs)
         if anchors.dtype != torch.float32:
             # Half-precision anchors lose whole pixels above 1024: decode against float32 ones.
-            anchors = self.model.anchors(inputs.new_empty((0, 3, inputs.shape[2], inputs.shape[3]), dtype=torch.float32))
+            reference = inputs.new_empty((0, 3, inputs.shape[2], inputs.shape[3]), dtype=torch.float32)
+            anchors = self.model.anchors(reference)
         results = postprocess((int(inputs.shape[2]), int(inputs.shape[3])), anchors, regression, classification,
                               threshold, iou_threshold, obj_list=self.project.obj_list)
         if metas is not None:

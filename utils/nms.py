@@ -11,10 +11,14 @@ emulation otherwise that gives the same indices (the published post-processing c
 - boxes are visited in stable descending score order (ties keep their input order); a box is kept
   unless an earlier kept box overlaps it with IoU **>** ``iou_threshold``;
 - class-aware as torchvision dispatches it: up to :data:`COORDINATE_TRICK_MAX_BOXES` boxes (CPU; 5000 on
-  CUDA) the boxes are shifted by ``class · (max coordinate + 1)`` and suppressed in one pass, above that
-  classes are kept apart exactly (here: pairs of different classes are masked, same result as
-  torchvision's per-class loop);
+  CUDA) the boxes are shifted by ``class · (max coordinate + 1)`` and suppressed in one pass (the same
+  float operations here), above that classes are kept apart exactly (here: each kept box is compared with
+  the later boxes of its own class only, the same result as torchvision's per-class loop);
 - the kept indices come back sorted by descending score, ties in index order.
+
+The pure-PyTorch path reproduces the CPU kernel. torchvision's CUDA kernel compares the IoU in float32,
+so on CUDA the two can differ for an IoU of exactly ``float32(iou_threshold)``. The sequential part runs
+on the CPU (boxes are copied there; the indices come back on the boxes' device).
 """
 from __future__ import annotations
 

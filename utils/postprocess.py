@@ -52,7 +52,8 @@ def _check_outputs(regression: Tensor, classification: Tensor, anchors: Tensor) 
     if classification.dim() != 3 or classification.shape[:2] != regression.shape[:2]:
         raise ValueError(f"classification must be Tensor[B, N, C] with B, N = {tuple(regression.shape[:2])}, "
                          f"got shape {tuple(classification.shape)}")
-    if anchors.dim() != 3 or anchors.shape[0] not in (1, regression.shape[0]) or anchors.shape[1:] != regression.shape[1:]:
+    if (anchors.dim() != 3 or anchors.shape[0] not in (1, regression.shape[0])
+            or anchors.shape[1:] != regression.shape[1:]):
         raise ValueError(f"anchors must be Tensor[1 or B, N, 4] with N = {regression.shape[1]}, "
                          f"got shape {tuple(anchors.shape)}")
 

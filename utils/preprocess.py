@@ -11,7 +11,6 @@ Boxes found on the canvas map back to the original image by dividing x by ``new_
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence, Tuple, Union
@@ -20,8 +19,6 @@ import cv2
 import numpy as np
 import torch
 from torch import Tensor
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 DEFAULT_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
