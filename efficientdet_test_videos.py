@@ -1,0 +1,110 @@
+"""Detect objects in a video file or a webcam stream and write an annotated video.
+
+    python efficientdet_test_videos.py -c 0 --video clip.mp4 --output test/clip_det.mp4
+    python efficientdet_test_videos.py -c 0 --video 0 --max_frames 300     # webcam 0
+
+Frames are BGR like images read from files and use the same pre-processing (project mean/std).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import cv2
+
+from utils.download import ensure_weights
+from utils.draw import draw_detections
+from utils.inference import Detector
+
+DEFAULT_FPS = 25.0
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--compound_coef", type=int, default=0, help="EfficientDet D0..D7x as 0..8 (default 0)")
+    parser.add_argument("-w", "--weights", default=None,
+                        help="checkpoint (default weights/efficientdet-d{c}.pth, downloaded when missing)")
+    parser.add_argument("-p", "--project", default="coco", help="project name under projects/ or a YAML path")
+    parser.add_argument("--video", required=True, help="video file, or a webcam index such as 0")
+    parser.add_argument("--output", default="test/video_det.mp4",
+                        help="annotated video (mp4v), default test/video_det.mp4")
+    parser.add_argument("--threshold", type=float, default=0.2, help="score threshold (keep score > it)")
+    parser.add_argument("--iou_threshold", type=float, default=0.2, help="NMS IoU threshold (suppress IoU > it)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
+    parser.add_argument("--float16", action="store_true", help="half-precision network (CUDA only)")
+    parser.add_argument("--input_size", type=int, default=None,
+                        help="network input side (multiple of the max stride; default: the model's)")
+    parser.add_argument("--max_frames", type=int, default=None, help="stop after this many frames (default: all)")
+    return parser.parse_args(argv)
+
+
+def video_source(spec: str) -> Union[int, str]:
+    """A webcam index (digits) or an existing video file; FileNotFoundError for a missing file."""
+    if spec.isdigit():
+        return int(spec)
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"video not found: {spec}")
+    return spec
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError(f"--max_frames must be at least 1, got {args.max_frames}")
+    source = video_source(args.video)
+    weights = ensure_weights(args.compound_coef, args.weights)
+    detector = Detector.from_checkpoint(args.compound_coef, weights, args.project, input_size=args.input_size,
+                                        device=args.device, float16=args.float16, threshold=args.threshold,
+                                        iou_threshold=args.iou_threshold)
+    capture = cv2.VideoCapture(source)
+    if not capture.isOpened():
+        raise ValueError(f"cannot open video {args.video!r}")
+    writer = None
+    frames = 0
+    detections = 0
+    elapsed = 0.0
+    try:
+        while args.max_frames is None or frames < args.max_frames:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            start = time.perf_counter()
+            dets = detector.detect(frame)[0]
+            elapsed += time.perf_counter() - start
+            if writer is None:
+                fps = capture.get(cv2.CAP_PROP_FPS)
+                fps = fps if fps and fps > 0 else DEFAULT_FPS
+                output = Path(args.output)
+                output.parent.mkdir(parents=True, exist_ok=True)
+                writer = cv2.VideoWriter(str(output), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                         (frame.shape[1], frame.shape[0]))
+                if not writer.isOpened():
+                    raise ValueError(f"cannot write video {output} (mp4v)")
+            writer.write(draw_detections(frame, dets.boxes, dets.class_ids, dets.scores, dets.class_names))
+            frames += 1
+            detections += len(dets)
+    finally:
+        capture.release()
+        if writer is not None:
+            writer.release()
+    if frames == 0:
+        raise ValueError(f"no frames could be read from {args.video!r}")
+    print(f"{frames} frames, {detections} detections, {frames / elapsed:.2f} FPS "
+          f"(pre-processing, network and post-processing), saved {args.output}")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (ValueError, OSError) as exc:  # FileNotFoundError, DownloadError (ConnectionError) are OSErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

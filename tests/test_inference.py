@@ -1,0 +1,250 @@
+"""Detector and the demo scripts end to end, with a D0 checkpoint whose heads are set by hand so that the
+expected detections follow from the anchors alone."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import efficientdet_test
+import efficientdet_test_videos
+from backbone import EfficientDetBackbone
+from utils import nms as nms_module
+from utils.inference import Detector
+from utils.preprocess import read_image, resized_shape
+from utils.project import load_project
+
+from test_nms import reference_nms  # tests/ is on sys.path (rootdir-relative imports)
+
+REPO = Path(__file__).resolve().parent.parent
+OBJ_LIST = ["person", "car", "dog"]
+CAR = 1
+CAR_LOGIT = 2.0
+SIZE = 128  # D0's smallest input: 341 positions per anchor type
+
+PROJECT_YAML = """project_name: tiny
+train_set: train
+val_set: val
+num_gpus: 1
+mean: [0.485, 0.456, 0.406]
+std: [0.229, 0.224, 0.225]
+anchors_scales: '[2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0)]'
+anchors_ratios: '[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]'
+obj_list: ['person', 'car', 'dog']
+"""
+
+
+def crafted_model(num_classes: int = 3) -> EfficientDetBackbone:
+    """Regression 0 everywhere (boxes = anchors); probability sigmoid(2) for "car" on anchor type 0
+    (scale 1, ratio 1:1) of every position, sigmoid(-6) for everything else.
+
+    All conv kernels are zero, so the outputs are exactly these constants whatever the image."""
+    torch.manual_seed(0)
+    model = EfficientDetBackbone(num_classes=num_classes, compound_coef=0).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 4:
+                parameter.zero_()
+        model.regressor.header.pointwise_conv.conv.bias.zero_()
+        bias = model.classifier.header.pointwise_conv.conv.bias
+        bias.fill_(-6.0)
+        bias[0 * num_classes + CAR] = CAR_LOGIT  # channels are anchor-major: anchor * num_classes + class
+    return model
+
+
+def expected_detections(old_h: int, old_w: int, iou_threshold: float = 0.2):
+    """Reference for the crafted model: anchors of type 0, clipped to the input, brute-force NMS (all scores
+    tie: input order), mapped back to the original image and clipped to it."""
+    anchors = crafted_model().anchors.generate(SIZE, SIZE).numpy().astype(np.float32)[0::9]  # type 0 only
+    boxes = np.stack([np.maximum(anchors[:, 1], 0), np.maximum(anchors[:, 0], 0),
+                      np.minimum(anchors[:, 3], SIZE - 1), np.minimum(anchors[:, 2], SIZE - 1)], axis=1)
+    keep = reference_nms(boxes, np.full(len(boxes), 1.0, np.float32), iou_threshold)
+    new_h, new_w = resized_shape(old_h, old_w, SIZE, SIZE)
+    kept = boxes[keep].astype(np.float64)
+    kept[:, [0, 2]] = np.clip(kept[:, [0, 2]] / (new_w / old_w), 0, old_w - 1)
+    kept[:, [1, 3]] = np.clip(kept[:, [1, 3]] / (new_h / old_h), 0, old_h - 1)
+    return kept
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny (128 px) forwards: one intra-op thread is as fast and does not stall when the 2 cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def pure_torch(monkeypatch):
+    monkeypatch.setattr(nms_module, "torchvision_batched_nms", lambda: None)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference")
+    project = root / "tiny.yml"
+    project.write_text(PROJECT_YAML)
+    weights = root / "d0.pth"
+    torch.save(crafted_model().state_dict(), weights)
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(images / "wide.png"), rng.integers(0, 256, (120, 200, 3), dtype=np.uint8))
+    cv2.imwrite(str(images / "tall.png"), rng.integers(0, 256, (160, 96), dtype=np.uint8))  # grayscale
+    return {"root": root, "project": project, "weights": weights, "images": images}
+
+
+def test_detector_finds_the_crafted_detections(assets):
+    detector = Detector(crafted_model(), load_project(assets["project"]), input_size=SIZE, device="cpu")
+    wide = read_image(assets["images"] / "wide.png")
+    dets = detector.detect([assets["images"] / "tall.png", wide])
+    for det, (old_h, old_w) in zip(dets, [(160, 96), (120, 200)]):
+        expected = expected_detections(old_h, old_w)
+        assert 5 < len(det) == len(expected)
+        np.testing.assert_allclose(det.boxes, expected, atol=1e-3, rtol=0)
+        assert det.boxes.dtype == np.float32 and det.class_ids.dtype == np.int64 and det.scores.dtype == np.float32
+        assert set(det.class_ids.tolist()) == {CAR} and set(det.class_names) == {"car"}
+        np.testing.assert_allclose(det.scores, 1 / (1 + math.exp(-CAR_LOGIT)), rtol=1e-5)
+    # Thresholds per call: nothing scores above 0.9; a laxer IoU keeps more boxes.
+    assert len(detector.detect(wide, threshold=0.9)[0]) == 0
+    lax = detector.detect(wide, iou_threshold=0.9)[0]
+    assert len(lax) == len(expected_detections(120, 200, iou_threshold=0.9)) > len(dets[1])
+
+
+def test_predict_batch_without_metas_stays_in_input_pixels(assets):
+    detector = Detector(crafted_model(), load_project(assets["project"]), input_size=SIZE, device="cpu")
+    batch, metas, _ = detector.preprocess(assets["images"] / "wide.png")
+    in_input = detector.predict_batch(batch, None)[0]
+    in_original = detector.predict_batch(batch, metas)[0]
+    scale = metas[0].new_w / metas[0].old_w
+    np.testing.assert_allclose(np.minimum(in_input.boxes[:, 2] / scale, 199), in_original.boxes[:, 2], rtol=1e-5)
+    assert in_input.boxes.max() <= SIZE - 1
+
+
+def test_detector_rejects_bad_settings(assets, d0_weights):
+    project = load_project(assets["project"])
+    model = crafted_model()
+    with pytest.raises(ValueError, match="multiples of 128"):
+        Detector(model, project, input_size=200)
+    with pytest.raises(ValueError, match="float16.*CUDA"):
+        Detector(model, project, input_size=SIZE, device="cpu", float16=True)
+    with pytest.raises(ValueError, match="90 classes"):
+        Detector(EfficientDetBackbone(num_classes=90), project)
+    with pytest.raises(ValueError, match="anchors"):
+        Detector(EfficientDetBackbone(num_classes=3, scales=(1.0, 2.0)), project)
+    with pytest.raises(ValueError, match="90 classes"):
+        Detector.from_checkpoint(0, d0_weights, project)
+    detector = Detector.from_checkpoint(0, assets["weights"], assets["project"], input_size=(128, 256), device="cpu")
+    assert detector.input_hw == (128, 256) and not detector.model.training
+    assert Detector(crafted_model(), project).input_hw == (512, 512)  # the model's default
+
+
+def run_script(module, argv, capsys):
+    code = module.main(module.parse_args([str(a) for a in argv]))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_script_writes_annotated_images_and_prints_detections(assets, capsys):
+    out_dir = assets["root"] / "out"
+    code, out, err = run_script(efficientdet_test, [
+        "-w", assets["weights"], "-p", assets["project"], "--images", assets["images"], REPO / "test" / "img.jpg",
+        "--output", out_dir, "--input_size", SIZE, "--device", "cpu", "--batch_size", 2], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["img_det.jpg", "tall_det.jpg", "wide_det.jpg"]
+    for name, (old_h, old_w) in [("tall", (160, 96)), ("wide", (120, 200)), ("img", (428, 640))]:
+        annotated = cv2.imread(str(out_dir / f"{name}_det.jpg"))
+        assert annotated.shape == (old_h, old_w, 3)
+        count = len(expected_detections(old_h, old_w))
+        assert f"{name}.{'jpg' if name == 'img' else 'png'}: {count} detections" in out
+    original = cv2.imread(str(REPO / "test" / "img.jpg"))
+    annotated = cv2.imread(str(out_dir / "img_det.jpg"))
+    assert np.abs(annotated.astype(int) - original.astype(int)).mean() > 2  # boxes were drawn
+    assert out.count("  car 0.881 (") == sum(len(expected_detections(h, w)) for h, w in
+                                            [(160, 96), (120, 200), (428, 640)])
+
+
+def test_script_speed_test_prints_fps(assets, capsys):
+    code, out, err = run_script(efficientdet_test, [
+        "-w", assets["weights"], "-p", assets["project"], "--images", assets["images"] / "wide.png",
+        "--output", assets["root"] / "speed", "--input_size", SIZE, "--device", "cpu", "--speed_test"], capsys)
+    assert code == 0, err
+    line = [ln for ln in out.splitlines() if ln.startswith("speed test:")]
+    assert len(line) == 1 and float(line[0].split()[2]) > 0 and "FPS" in line[0]
+
+
+@pytest.mark.parametrize("case", ["missing_image", "empty_folder", "broken_image", "missing_weights",
+                                  "other_model", "other_classes", "bad_size", "missing_project"])
+def test_script_bad_input_is_one_line(assets, capsys, case, tmp_path):
+    args = ["-w", assets["weights"], "-p", assets["project"], "--images", assets["images"] / "wide.png",
+            "--output", tmp_path / "out", "--input_size", SIZE, "--device", "cpu"]
+    if case == "missing_image":
+        args[5] = tmp_path / "nope.jpg"
+        needle = "nope.jpg"
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        args[5] = tmp_path / "empty"
+        needle = "no images"
+    elif case == "broken_image":
+        (tmp_path / "broken.jpg").write_bytes(b"garbage")
+        args[5] = tmp_path / "broken.jpg"
+        needle = "broken.jpg"
+    elif case == "missing_weights":
+        args[1] = tmp_path / "absent.pth"
+        needle = "absent.pth"
+    elif case == "other_model":
+        args += ["-c", "1"]  # a D0 checkpoint for D1
+        needle = "D0"
+    elif case == "other_classes":
+        torch.save(EfficientDetBackbone(num_classes=5).state_dict(), tmp_path / "five.pth")
+        args[1] = tmp_path / "five.pth"
+        needle = "5 classes"
+    elif case == "bad_size":
+        args[9] = "100"
+        needle = "multiples of 128"
+    else:
+        args[3] = tmp_path / "nothing.yml"
+        needle = "nothing.yml"
+    code, out, err = run_script(efficientdet_test, args, capsys)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_video_script_writes_annotated_video(assets, capsys, tmp_path):
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (256, 256))
+    assert writer.isOpened()
+    rng = np.random.default_rng(1)
+    for k in range(4):
+        frame = np.full((256, 256, 3), 40 * k, np.uint8)
+        frame[64:192, 64:192] = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+        writer.write(frame)
+    writer.release()
+    output = tmp_path / "out" / "clip_det.mp4"
+    code, out, err = run_script(efficientdet_test_videos, [
+        "-w", assets["weights"], "-p", assets["project"], "--video", video, "--output", output,
+        "--input_size", SIZE, "--device", "cpu"], capsys)
+    assert code == 0, err
+    per_frame = len(expected_detections(256, 256))
+    assert f"4 frames, {4 * per_frame} detections" in out and "FPS" in out
+    capture = cv2.VideoCapture(str(output))
+    frames = []
+    ok, frame = capture.read()
+    while ok:
+        frames.append(frame)
+        ok, frame = capture.read()
+    capture.release()
+    assert len(frames) == 4 and frames[0].shape == (256, 256, 3)
+    # Box borders on the plain background: far from the frame's uniform grey.
+    assert np.abs(frames[0][:60, :60].astype(int) - 0).max() > 100
+
+    code, _, err = run_script(efficientdet_test_videos, [
+        "-w", assets["weights"], "-p", assets["project"], "--video", tmp_path / "none.mp4"], capsys)
+    assert code == 1 and "none.mp4" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,135 @@
+"""Post-processing: the conformance detections, and a non-trivial case against a per-image brute force."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from utils import nms as nms_module
+from utils.postprocess import Detections, postprocess, postprocess_tensors
+
+from test_nms import reference_nms  # tests/ is on sys.path (rootdir-relative imports)
+
+
+@pytest.fixture(autouse=True)
+def pure_torch(monkeypatch):
+    monkeypatch.setattr(nms_module, "torchvision_batched_nms", lambda: None)
+
+
+def reference_postprocess(height, width, anchors, regression, classification, threshold, iou_threshold):
+    """SPEC §3 written out per image in numpy float32: decode, clip, max score, > threshold, per-class
+    brute-force NMS, descending score."""
+    a = anchors[0].astype(np.float32)
+    ya, xa = (a[:, 0] + a[:, 2]) / 2, (a[:, 1] + a[:, 3]) / 2
+    ha, wa = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+    out = []
+    for b in range(regression.shape[0]):
+        r = regression[b].astype(np.float32)
+        w, h = np.exp(r[:, 3]) * wa, np.exp(r[:, 2]) * ha
+        yc, xc = r[:, 0] * ha + ya, r[:, 1] * wa + xa
+        boxes = np.stack([np.maximum(xc - w / 2, 0), np.maximum(yc - h / 2, 0),
+                          np.minimum(xc + w / 2, width - 1), np.minimum(yc + h / 2, height - 1)], axis=1)
+        scores = classification[b].max(axis=1)
+        classes = classification[b].argmax(axis=1)
+        idx = np.flatnonzero(scores > threshold)
+        keep = []
+        for cls in np.unique(classes[idx]):
+            members = idx[classes[idx] == cls]
+            keep.extend(members[k] for k in reference_nms(boxes[members], scores[members], iou_threshold))
+        keep = sorted(keep, key=lambda k: (-float(scores[k]), k))
+        out.append((boxes[keep], classes[keep], scores[keep]))
+    return out
+
+
+def run(vectors, classification, threshold, iou_threshold):
+    height, width = vectors["input"].shape[2:]
+    return postprocess((height, width), torch.from_numpy(vectors["anchors"]), torch.from_numpy(vectors["regression"]),
+                       torch.from_numpy(classification), threshold, iou_threshold)
+
+
+def test_conformance_detections(d0_vectors):
+    dets = run(d0_vectors, d0_vectors["classification"], 0.2, 0.2)
+    assert len(dets) == 2
+    for b, det in enumerate(dets):
+        rois = d0_vectors[f"det{b}_rois"].reshape(-1, 4)
+        assert len(det) == len(rois)
+        assert det.boxes.shape == (len(rois), 4) and det.boxes.dtype == np.float32
+        np.testing.assert_array_equal(det.class_ids, d0_vectors[f"det{b}_class_ids"].astype(np.int64))
+        np.testing.assert_allclose(det.boxes, rois, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(det.scores, d0_vectors[f"det{b}_scores"], atol=1e-4, rtol=0)
+
+
+def crafted_classification(num_anchors: int, picked: int, num_classes: int, seed: int) -> np.ndarray:
+    """Tensor[2, N, 90] probabilities: background below 0.2 everywhere, ``picked`` anchors per image with one of
+    ``num_classes`` classes scored on a coarse grid (exact ties), a few anchors with two high classes."""
+    rng = np.random.default_rng(seed)
+    out = (rng.random((2, num_anchors, 90)) * 0.2).astype(np.float32)
+    for b in range(2):
+        anchors = rng.choice(num_anchors, size=picked, replace=False)
+        classes = rng.choice(90, size=num_classes, replace=False)[rng.integers(0, num_classes, size=picked)]
+        out[b, anchors, classes] = np.round(rng.uniform(0.2, 1.0, size=picked), 1).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("picked, num_classes, iou_threshold", [(400, 5, 0.2), (1100, 8, 0.5)])
+def test_non_trivial_detections_match_reference(d0_vectors, picked, num_classes, iou_threshold):
+    # The stored detections are empty; real regression and anchors with crafted class scores exercise
+    # decoding, clipping, thresholding, NMS (both torchvision dispatch paths) and ordering.
+    num_anchors = d0_vectors["regression"].shape[1]
+    classification = crafted_classification(num_anchors, picked, num_classes, seed=picked)
+    height, width = d0_vectors["input"].shape[2:]
+    dets = run(d0_vectors, classification, 0.2, iou_threshold)
+    expected = reference_postprocess(height, width, d0_vectors["anchors"], d0_vectors["regression"],
+                                     classification, 0.2, iou_threshold)
+    for det, (boxes, classes, scores) in zip(dets, expected):
+        assert 10 < len(det) < picked  # detections survive, NMS removed some
+        assert len(det) == len(scores)
+        np.testing.assert_array_equal(det.class_ids, classes.astype(np.int64))
+        np.testing.assert_allclose(det.boxes, boxes, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(det.scores, scores, atol=1e-6, rtol=0)
+        assert np.all(np.diff(det.scores) <= 0)
+        assert np.all(det.boxes[:, [0, 2]] <= width - 1) and np.all(det.boxes[:, [1, 3]] <= height - 1)
+        assert np.all(det.boxes >= 0)
+
+
+def test_class_names_and_float16_outputs(d0_vectors):
+    classification = crafted_classification(d0_vectors["regression"].shape[1], 200, 4, seed=0)
+    height, width = d0_vectors["input"].shape[2:]
+    names = tuple(f"name{i}" for i in range(90))
+    dets32 = postprocess((height, width), torch.from_numpy(d0_vectors["anchors"]),
+                         torch.from_numpy(d0_vectors["regression"]), torch.from_numpy(classification), 0.2, 0.2, names)
+    assert dets32[0].class_names == [names[i] for i in dets32[0].class_ids]
+    # Half-precision network outputs are post-processed in float32.
+    dets16 = postprocess((height, width), torch.from_numpy(d0_vectors["anchors"]),
+                         torch.from_numpy(d0_vectors["regression"]).half(),
+                         torch.from_numpy(classification).half(), 0.2, 0.2)
+    assert dets16[0].boxes.dtype == np.float32 and dets16[0].scores.dtype == np.float32
+    with pytest.raises(ValueError, match="obj_list"):
+        postprocess((height, width), torch.from_numpy(d0_vectors["anchors"]),
+                    torch.from_numpy(d0_vectors["regression"]), torch.from_numpy(classification), 0.2, 0.2, ("a",))
+
+
+def test_threshold_is_strict_and_empty_images():
+    anchors = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0]]])
+    regression = torch.zeros(2, 2, 4)
+    classification = torch.tensor([[[0.5, 0.1], [0.1, 0.7]], [[0.2, 0.2], [0.0, 0.1]]])
+    results = postprocess_tensors((64, 64), anchors, regression, classification, 0.2, 0.5)
+    boxes, class_ids, scores = results[0]
+    assert class_ids.tolist() == [1, 0] and scores.tolist() == pytest.approx([0.7, 0.5])
+    assert boxes.tolist() == [[20.0, 20.0, 40.0, 40.0], [0.0, 0.0, 10.0, 10.0]]
+    assert results[1][0].shape == (0, 4)  # score 0.2 is not > 0.2
+    empty = postprocess((64, 64), anchors, regression, classification, 0.9, 0.5)
+    assert [len(d) for d in empty] == [0, 0]
+    assert empty[0].boxes.shape == (0, 4) and empty[0].class_ids.dtype == np.int64
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="regression"):
+        postprocess_tensors((64, 64), torch.zeros(1, 2, 4), torch.zeros(1, 2, 3), torch.zeros(1, 2, 2), 0.2, 0.2)
+    with pytest.raises(ValueError, match="anchors"):
+        postprocess_tensors((64, 64), torch.zeros(1, 3, 4), torch.zeros(1, 2, 4), torch.zeros(1, 2, 2), 0.2, 0.2)
+
+
+def test_detections_empty():
+    det = Detections.empty()
+    assert len(det) == 0 and det.boxes.shape == (0, 4)

@@ -1,0 +1,147 @@
+"""The single inference entry point: images -> detections in original image coordinates.
+
+Used by ``efficientdet_test.py``, ``efficientdet_test_videos.py``, the evaluator and the benchmark::
+
+    detector = Detector.from_checkpoint(0, "weights/efficientdet-d0.pth", "coco")
+    for dets in detector.detect(["a.jpg", "b.jpg"]):
+        print(dets.boxes, dets.class_names, dets.scores)
+
+Pre-processing is :func:`utils.preprocess.preprocess` (project mean/std, aspect-preserving fit),
+post-processing :func:`utils.postprocess.postprocess` (always float32, also under ``float16``), then the
+boxes are mapped back to each original image and clipped to it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from backbone import EfficientDetBackbone
+from utils.device import select_device
+from utils.postprocess import Detections, postprocess
+from utils.preprocess import ImageInput, ImageMeta, SizeSpec, boxes_to_original, canvas_size, preprocess
+from utils.project import ProjectConfig, load_project
+from utils.weights import load_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Detections", "Detector"]
+
+
+def _same_numbers(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    flat_a = [float(v) for item in a for v in (item if isinstance(item, (tuple, list)) else (item,))]
+    flat_b = [float(v) for item in b for v in (item if isinstance(item, (tuple, list)) else (item,))]
+    return len(flat_a) == len(flat_b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(flat_a, flat_b))
+
+
+class Detector:
+    """An :class:`EfficientDetBackbone` in eval mode plus the project's pre- and post-processing.
+
+    Args:
+        model: the detector; moved to ``device`` and put in eval mode (and half precision with ``float16``).
+        project: the project (class names, mean/std, anchors); its class count and anchors must match the model.
+        input_size: canvas side (int) or (height, width); default ``model.config.input_size``; every side must be
+            a multiple of ``model.config.max_stride`` (ValueError otherwise).
+        device: anything :func:`utils.device.select_device` accepts (default: CUDA when available, else CPU).
+        float16: run the network in half precision. CUDA only: on another device it is a ValueError.
+            Post-processing always runs in float32.
+        threshold: default score threshold (keep score > threshold).
+        iou_threshold: default NMS IoU threshold (suppress IoU > iou_threshold).
+        clip_to_image: clip boxes to the original image after mapping them back (default True).
+    """
+
+    def __init__(self, model: EfficientDetBackbone, project: ProjectConfig, input_size: Optional[SizeSpec] = None,
+                 device: Optional[Union[str, torch.device]] = None, float16: bool = False,
+                 threshold: float = 0.2, iou_threshold: float = 0.2, clip_to_image: bool = True) -> None:
+        if model.num_classes != project.num_classes:
+            raise ValueError(f"model has {model.num_classes} classes, project {project.path or project.project_name} "
+                             f"lists {project.num_classes} in obj_list")
+        if not (_same_numbers(model.anchors.scales, project.anchors_scales)
+                and _same_numbers(model.anchors.ratios, project.anchors_ratios)):
+            raise ValueError(f"model anchors (scales {model.anchors.scales}, ratios {model.anchors.ratios}) "
+                             f"differ from project {project.path or project.project_name} "
+                             f"({project.anchors_scales}, {project.anchors_ratios})")
+        self.device = select_device(device)
+        if float16 and self.device.type != "cuda":
+            raise ValueError(f"float16 inference needs a CUDA device, got {self.device}")
+        size = input_size if input_size is not None else model.config.input_size
+        self.input_hw: Tuple[int, int] = canvas_size(size)
+        model.check_input_size(*self.input_hw)
+        self.float16 = bool(float16)
+        self.dtype = torch.float16 if self.float16 else torch.float32
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.project = project
+        self.threshold = float(threshold)
+        self.iou_threshold = float(iou_threshold)
+        self.clip_to_image = clip_to_image
+
+    @classmethod
+    def from_checkpoint(cls, compound_coef: int, weights: Union[str, Path, Mapping[str, Any]],
+                        project: Union[ProjectConfig, str, Path], pool_padding: str = "published",
+                        **kwargs: Any) -> "Detector":
+        """Build ``-c compound_coef`` with the project's classes and anchors, load ``weights`` (path or
+        state_dict; the class count must match), and wrap it. ``kwargs`` go to :class:`Detector`.
+
+        Raises FileNotFoundError / ValueError (missing file, checkpoint of another model or class count).
+        """
+        if not isinstance(project, ProjectConfig):
+            project = load_project(project)
+        model = EfficientDetBackbone(num_classes=project.num_classes, compound_coef=compound_coef,
+                                     ratios=project.anchors_ratios, scales=project.anchors_scales,
+                                     pool_padding=pool_padding)
+        load_weights(model, weights, strict_classes=True)
+        return cls(model, project, **kwargs)
+
+    @property
+    def obj_list(self) -> Tuple[str, ...]:
+        return self.project.obj_list
+
+    def preprocess(self, images: ImageInput) -> Tuple[Tensor, List[ImageMeta], list]:
+        """:func:`utils.preprocess.preprocess` with this detector's input size and the project's mean/std."""
+        return preprocess(images, self.input_hw, mean=self.project.mean, std=self.project.std)
+
+    def detect(self, images: ImageInput, threshold: Optional[float] = None,
+               iou_threshold: Optional[float] = None) -> List[Detections]:
+        """Detect objects in one or more images (paths or BGR uint8 arrays), in one batched forward.
+
+        Returns one :class:`Detections` per image, boxes ``(x1, y1, x2, y2)`` in that image's pixels.
+        """
+        batch, metas, _ = self.preprocess(images)
+        return self.predict_batch(batch, metas, threshold, iou_threshold)
+
+    @torch.inference_mode()
+    def predict_batch(self, batch: Tensor, metas: Optional[Sequence[ImageMeta]] = None,
+                      threshold: Optional[float] = None, iou_threshold: Optional[float] = None) -> List[Detections]:
+        """Forward + post-processing of an already pre-processed batch.
+
+        Args:
+            batch: Tensor[B, 3, H, W], normalised RGB (any device / float dtype; moved to the model's).
+            metas: one :class:`ImageMeta` per image to map boxes back to the originals, or None to keep
+                network-input pixels.
+            threshold, iou_threshold: override the detector's defaults.
+
+        Returns:
+            One :class:`Detections` per image, by descending score.
+        """
+        if batch.dim() != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected a batch Tensor[B, 3, H, W], got shape {tuple(batch.shape)}")
+        if metas is not None and len(metas) != batch.shape[0]:
+            raise ValueError(f"{len(metas)} metas for a batch of {batch.shape[0]} images")
+        threshold = self.threshold if threshold is None else float(threshold)
+        iou_threshold = self.iou_threshold if iou_threshold is None else float(iou_threshold)
+        inputs = batch.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        _, regression, classification, anchors = self.model(inputs)
+        if anchors.dtype != torch.float32:
+            # Half-precision anchors lose whole pixels above 1024: decode against float32 ones.
+            reference = inputs.new_empty((0, 3, inputs.shape[2], inputs.shape[3]), dtype=torch.float32)
+            anchors = self.model.anchors(reference)
+        results = postprocess((int(inputs.shape[2]), int(inputs.shape[3])), anchors, regression, classification,
+                              threshold, iou_threshold, obj_list=self.project.obj_list)
+        if metas is not None:
+            for dets, meta in zip(results, metas):
+                dets.boxes = boxes_to_original(dets.boxes, meta, clip=self.clip_to_image)
+        return results

@@ -1,0 +1,112 @@
+"""Post-processing of the network outputs into detections (SPEC §3), batched.
+
+Decode the regression against the anchors (:class:`efficientdet.anchors.BBoxTransform`), clip to the
+network input (:class:`efficientdet.anchors.ClipBoxes`), score = max over classes, keep anchors with
+score **>** threshold, class-aware NMS (:func:`utils.nms.batched_nms`, IoU **>** iou_threshold suppresses),
+result ordered by descending score. Everything runs in float32, whatever the network's dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from efficientdet.anchors import BBoxTransform, ClipBoxes
+from utils.nms import batched_nms
+
+_REGRESS = BBoxTransform()
+_CLIP = ClipBoxes()
+
+
+@dataclass
+class Detections:
+    """Detections of one image, ordered by descending score.
+
+    Attributes:
+        boxes: ``np.ndarray[K, 4]`` float32 ``(x1, y1, x2, y2)``: network-input pixels straight out of
+            :func:`postprocess`, ORIGINAL image pixels out of :class:`utils.inference.Detector`.
+        class_ids: ``np.ndarray[K]`` int64, index into the project's ``obj_list``.
+        scores: ``np.ndarray[K]`` float32, the class probability.
+        class_names: ``obj_list[class_id]`` per detection (empty strings when unknown).
+    """
+
+    boxes: np.ndarray
+    class_ids: np.ndarray
+    scores: np.ndarray
+    class_names: List[str]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32), [])
+
+
+def _check_outputs(regression: Tensor, classification: Tensor, anchors: Tensor) -> None:
+    if regression.dim() != 3 or regression.shape[2] != 4:
+        raise ValueError(f"regression must be Tensor[B, N, 4], got shape {tuple(regression.shape)}")
+    if classification.dim() != 3 or classification.shape[:2] != regression.shape[:2]:
+        raise ValueError(f"classification must be Tensor[B, N, C] with B, N = {tuple(regression.shape[:2])}, "
+                         f"got shape {tuple(classification.shape)}")
+    if (anchors.dim() != 3 or anchors.shape[0] not in (1, regression.shape[0])
+            or anchors.shape[1:] != regression.shape[1:]):
+        raise ValueError(f"anchors must be Tensor[1 or B, N, 4] with N = {regression.shape[1]}, "
+                         f"got shape {tuple(anchors.shape)}")
+
+
+def postprocess_tensors(input_hw: Tuple[int, int], anchors: Tensor, regression: Tensor, classification: Tensor,
+                        threshold: float, iou_threshold: float) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """Network outputs -> per image ``(boxes Tensor[K, 4] (x1, y1, x2, y2) input pixels float32,
+    class_ids Tensor[K] int64, scores Tensor[K] float32)`` on the outputs' device, by descending score.
+
+    Args:
+        input_hw: (H, W) of the network input (the clipping range).
+        anchors: Tensor[1 or B, N, 4] (y1, x1, y2, x2), input pixels.
+        regression: Tensor[B, N, 4] (dy, dx, dh, dw).
+        classification: Tensor[B, N, C], sigmoid probabilities.
+        threshold: keep anchors whose best class probability is > this.
+        iou_threshold: class-aware NMS suppresses IoU > this.
+    """
+    _check_outputs(regression, classification, anchors)
+    anchors = anchors.float()
+    regression = regression.float()
+    classification = classification.float()
+    height, width = int(input_hw[0]), int(input_hw[1])
+    # ClipBoxes only reads the last two dimensions of its reference tensor.
+    reference = regression.new_empty((0, 0, height, width))
+    boxes = _CLIP(_REGRESS(anchors, regression), reference)
+    scores, classes = classification.max(dim=2)
+    selected = scores > threshold
+    results = []
+    for b in range(regression.shape[0]):
+        mask = selected[b]
+        boxes_b, scores_b, classes_b = boxes[b][mask], scores[b][mask], classes[b][mask]
+        keep = batched_nms(boxes_b, scores_b, classes_b, iou_threshold)
+        results.append((boxes_b[keep], classes_b[keep].to(torch.int64), scores_b[keep]))
+    return results
+
+
+def postprocess(input_hw: Tuple[int, int], anchors: Tensor, regression: Tensor, classification: Tensor,
+                threshold: float, iou_threshold: float, obj_list: Sequence[str] = ()) -> List[Detections]:
+    """Like :func:`postprocess_tensors`, as one :class:`Detections` (numpy, network-input pixels) per image.
+
+    ``obj_list`` gives ``class_names``; a class id beyond it is a ValueError (model/project mismatch).
+    """
+    results = []
+    for boxes, class_ids, scores in postprocess_tensors(input_hw, anchors, regression, classification,
+                                                        threshold, iou_threshold):
+        ids = class_ids.cpu().numpy()
+        if obj_list:
+            if ids.size and int(ids.max()) >= len(obj_list):
+                raise ValueError(f"class id {int(ids.max())} is outside obj_list ({len(obj_list)} names): "
+                                 "the model and the project YAML disagree on the classes")
+            names = [obj_list[i] for i in ids.tolist()]
+        else:
+            names = [""] * len(ids)
+        results.append(Detections(boxes=boxes.cpu().numpy().astype(np.float32), class_ids=ids.astype(np.int64),
+                                  scores=scores.cpu().numpy().astype(np.float32), class_names=names))
+    return results

@@ -1,0 +1,240 @@
+"""Image pre-processing and the inverse box mapping (SPEC §3), as the published implementation does it.
+
+Order (published ``preprocess`` / ``aspectaware_resize_padding``): BGR → RGB, ``/ 255``,
+``(x − mean) / std`` in float64, THEN an aspect-preserving ``cv2.resize`` (bilinear) of the normalised
+image so that it fits the canvas (the longer side equals the input size; the shorter one is
+``int(size / longer · shorter)``), pasted at the top-left of a zero float32 canvas. Padding is therefore 0
+in normalised units (the mean colour), not black.
+
+Boxes found on the canvas map back to the original image by dividing x by ``new_w / old_w`` and y by
+``new_h / old_h`` (:func:`boxes_to_original`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+DEFAULT_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+DEFAULT_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+ImageSource = Union[str, Path, np.ndarray]
+ImageInput = Union[ImageSource, Sequence[ImageSource]]
+SizeSpec = Union[int, Tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """Where one image went on the canvas.
+
+    Attributes:
+        old_h, old_w: original image size in pixels.
+        new_h, new_w: size of the resized image on the canvas (top-left corner).
+        canvas_h, canvas_w: network input size.
+        source: file path, or "<array N>" for an in-memory image.
+    """
+
+    old_h: int
+    old_w: int
+    new_h: int
+    new_w: int
+    canvas_h: int
+    canvas_w: int
+    source: str = ""
+
+    @property
+    def scale_x(self) -> float:
+        """``new_w / old_w``: canvas x = original x · scale_x."""
+        return self.new_w / self.old_w
+
+    @property
+    def scale_y(self) -> float:
+        """``new_h / old_h``: canvas y = original y · scale_y."""
+        return self.new_h / self.old_h
+
+
+def canvas_size(size: SizeSpec) -> Tuple[int, int]:
+    """``512`` -> (512, 512); ``(h, w)`` -> (h, w). ValueError for non-positive or malformed sizes."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        height = width = int(size)
+    elif isinstance(size, (tuple, list)) and len(size) == 2 and all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size):
+        height, width = int(size[0]), int(size[1])
+    else:
+        raise ValueError(f"input size must be an int or a (height, width) pair of ints, got {size!r}")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"input size must be positive, got {size!r}")
+    return height, width
+
+
+def read_image(path: Union[str, Path]) -> np.ndarray:
+    """Read an image file as BGR uint8 ``[H, W, 3]`` (grayscale and alpha are converted).
+
+    Raises FileNotFoundError (missing file) or ValueError (not a readable image), naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # as published: cv2.imread (EXIF orientation applied)
+    if image is None:
+        raise ValueError(f"{path}: not a readable image")
+    return image
+
+
+def to_bgr(image: np.ndarray, source: str = "image") -> np.ndarray:
+    """A uint8 image ``[H, W]``, ``[H, W, 1]``, ``[H, W, 3]`` (BGR) or ``[H, W, 4]`` (BGRA) -> BGR ``[H, W, 3]``."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{source}: expected a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{source}: expected a uint8 image, got dtype {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    elif not (image.ndim == 3 and image.shape[2] == 3):
+        raise ValueError(f"{source}: expected an image [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], "
+                         f"got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{source}: empty image of shape {image.shape}")
+    return image
+
+
+def load_images(images: ImageInput) -> Tuple[List[np.ndarray], List[str]]:
+    """Paths and/or BGR uint8 arrays (one or a sequence) -> (BGR uint8 ``[H, W, 3]`` images, source names)."""
+    if isinstance(images, (str, Path, np.ndarray)):
+        images = [images]
+    loaded, sources = [], []
+    for index, item in enumerate(images):
+        if isinstance(item, (str, Path)):
+            loaded.append(read_image(item))
+            sources.append(str(item))
+        elif isinstance(item, np.ndarray):
+            name = f"<array {index}>"
+            loaded.append(to_bgr(item, name))
+            sources.append(name)
+        else:
+            raise ValueError(f"image {index}: expected a path or a numpy array, got {type(item).__name__}")
+    if not loaded:
+        raise ValueError("no images given")
+    return loaded, sources
+
+
+def resized_shape(old_h: int, old_w: int, canvas_h: int, canvas_w: int) -> Tuple[int, int]:
+    """(new_h, new_w) of the aspect-preserving fit, as the published code rounds it (``int()`` truncation).
+
+    For a square canvas: the longer side becomes the canvas side, the other ``int(side / longer · shorter)``.
+    """
+    if canvas_w / old_w <= canvas_h / old_h:  # width-limited (on a square canvas: old_w >= old_h)
+        new_w, new_h = canvas_w, int(canvas_w / old_w * old_h)
+    else:
+        new_w, new_h = int(canvas_h / old_h * old_w), canvas_h
+    return max(new_h, 1), max(new_w, 1)
+
+
+def normalize_and_fit(image: np.ndarray, canvas_h: int, canvas_w: int, mean: Sequence[float],
+                      std: Sequence[float]) -> Tuple[np.ndarray, int, int]:
+    """One BGR uint8 image ``[H, W, 3]`` -> (canvas float32 ``[canvas_h, canvas_w, 3]`` RGB normalised, new_h, new_w).
+
+    Normalises in float64 first, then resizes (cv2.INTER_LINEAR) only when the size changes, as published.
+    """
+    old_h, old_w = image.shape[:2]
+    rgb = image[..., ::-1]
+    normalized = (rgb / 255.0 - np.asarray(mean, dtype=np.float64)) / np.asarray(std, dtype=np.float64)
+    new_h, new_w = resized_shape(old_h, old_w, canvas_h, canvas_w)
+    if (new_h, new_w) != (old_h, old_w):
+        normalized = cv2.resize(normalized, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.float32)
+    canvas[:new_h, :new_w] = normalized
+    return canvas, new_h, new_w
+
+
+def preprocess(images: ImageInput, input_size: SizeSpec, mean: Sequence[float] = DEFAULT_MEAN,
+               std: Sequence[float] = DEFAULT_STD) -> Tuple[Tensor, List[ImageMeta], List[np.ndarray]]:
+    """Images -> the network's input batch.
+
+    Args:
+        images: a path, a BGR uint8 array (e.g. a video frame; grayscale ``[H, W]``/``[H, W, 1]`` and BGRA
+            ``[H, W, 4]`` work), or a sequence of them.
+        input_size: canvas side (int) or (height, width); the caller checks it against the model's stride.
+        mean, std: RGB normalisation of the project (``ProjectConfig.mean`` / ``.std``), in [0, 1] units.
+
+    Returns:
+        (batch, metas, originals): batch ``Tensor[B, 3, H, W]`` float32 on the CPU (normalised RGB, image at
+        the top-left, zeros elsewhere); one :class:`ImageMeta` per image; the original BGR uint8 images
+        ``[h, w, 3]`` (for drawing).
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: unreadable image, bad array, bad size, or no images; the message names the image.
+    """
+    canvas_h, canvas_w = canvas_size(input_size)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std must have 3 values (R, G, B), got {list(mean)} and {list(std)}")
+    originals, sources = load_images(images)
+    canvases, metas = [], []
+    for image, source in zip(originals, sources):
+        canvas, new_h, new_w = normalize_and_fit(image, canvas_h, canvas_w, mean, std)
+        canvases.append(canvas)
+        metas.append(ImageMeta(old_h=image.shape[0], old_w=image.shape[1], new_h=new_h, new_w=new_w,
+                               canvas_h=canvas_h, canvas_w=canvas_w, source=source))
+    batch = torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2).contiguous()
+    return batch, metas, originals
+
+
+def boxes_to_original(boxes: Union[np.ndarray, Tensor], meta: ImageMeta,
+                      clip: bool = True) -> Union[np.ndarray, Tensor]:
+    """Map boxes from the canvas back to the original image.
+
+    Args:
+        boxes: ``[K, 4] (x1, y1, x2, y2)``, canvas (network input) pixels; numpy array or tensor.
+        meta: the image's :class:`ImageMeta`.
+        clip: clip x to ``[0, old_w − 1]`` and y to ``[0, old_h − 1]`` (the network-side clipping convention)
+            so that boxes reaching into the padding end at the image border.
+
+    Returns:
+        A new array/tensor of the same type, ``[K, 4] (x1, y1, x2, y2)``, original image pixels.
+    """
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be [K, 4] (x1, y1, x2, y2), got shape {tuple(boxes.shape)}")
+    out = boxes.clone() if isinstance(boxes, Tensor) else np.array(boxes, copy=True)
+    out[:, [0, 2]] = out[:, [0, 2]] / meta.scale_x
+    out[:, [1, 3]] = out[:, [1, 3]] / meta.scale_y
+    if clip:
+        if isinstance(out, Tensor):
+            out[:, [0, 2]] = out[:, [0, 2]].clamp(0, meta.old_w - 1)
+            out[:, [1, 3]] = out[:, [1, 3]].clamp(0, meta.old_h - 1)
+        else:
+            out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, meta.old_w - 1)
+            out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, meta.old_h - 1)
+    return out
+
+
+def list_images(paths: Sequence[Union[str, Path]]) -> List[Path]:
+    """Files and folders -> image files (a folder contributes its images with a known extension, sorted).
+
+    Raises FileNotFoundError for a missing path and ValueError for a folder without images.
+    """
+    found: List[Path] = []
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+            found.extend(files)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"image not found: {path}")
+    if not found:
+        raise ValueError("no images given")
+    return found
