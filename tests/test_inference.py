@@ -18,7 +18,7 @@ from utils.inference import Detector
 from utils.preprocess import read_image, resized_shape
 from utils.project import load_project
 
-from test_nms import reference_nms  # tests/ is on sys.path (rootdir-relative imports)
+from tests.test_nms import reference_nms
 
 REPO = Path(__file__).resolve().parent.parent
 OBJ_LIST = ["person", "car", "dog"]

@@ -8,7 +8,7 @@ import torch
 from utils import nms as nms_module
 from utils.postprocess import Detections, postprocess, postprocess_tensors
 
-from test_nms import reference_nms  # tests/ is on sys.path (rootdir-relative imports)
+from tests.test_nms import reference_nms
 
 
 @pytest.fixture(autouse=True)
