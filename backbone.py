@@ -93,3 +93,11 @@ class EfficientDetBackbone(nn.Module):
         classification = self.classifier(features)
         anchors = self.anchors(inputs)
         return features, regression, classification, anchors
+
+
+def build_model(compound_coef: int, project) -> EfficientDetBackbone:
+    """The detector for a project (a :class:`utils.project.ProjectConfig`): its class count, anchor
+    scales and ratios, and its ``pool_padding`` key ("published" unless the YAML says "official")."""
+    return EfficientDetBackbone(num_classes=project.num_classes, compound_coef=compound_coef,
+                                ratios=project.anchors_ratios, scales=project.anchors_scales,
+                                pool_padding=str(project.extra.get("pool_padding", "published")))

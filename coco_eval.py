@@ -22,14 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from backbone import EfficientDetBackbone
 from efficientdet.config import get_model_config
 from utils.device import select_device
 from utils.evaluation import (detections_to_coco, evaluate_coco, format_metrics, load_coco_annotations,
                               metrics_to_json, run_detector_on_set)
 from utils.inference import Detector
 from utils.project import ProjectConfig, load_project
-from utils.weights import load_weights
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -80,13 +78,9 @@ def check_args(args: argparse.Namespace) -> None:
 def compute_results(args: argparse.Namespace, project: ProjectConfig, image_dir: Path, ann_file: Path,
                     weights: Path) -> Tuple[List[int], List[Dict[str, Any]]]:
     """Build the model, load ``weights`` (class count must match), detect on the set: (image_ids, records)."""
-    device = select_device(args.device)
-    model = EfficientDetBackbone(num_classes=project.num_classes, compound_coef=args.compound_coef,
-                                 ratios=project.anchors_ratios, scales=project.anchors_scales)
-    load_weights(model, weights, strict_classes=True)
-    model.eval()
-    detector = Detector(model, project, input_size=args.input_size, device=device, float16=args.float16,
-                        threshold=args.threshold, iou_threshold=args.nms_threshold)
+    detector = Detector.from_checkpoint(args.compound_coef, weights, project, input_size=args.input_size,
+                                        device=select_device(args.device), float16=args.float16,
+                                        threshold=args.threshold, iou_threshold=args.nms_threshold)
     image_ids, detections = run_detector_on_set(detector, image_dir, ann_file, args.batch_size,
                                                 args.max_images, progress=not args.no_progress)
     return image_ids, detections_to_coco(image_ids, detections, project.obj_list)

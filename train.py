@@ -13,14 +13,12 @@ atomically. Logs: tqdm, TensorBoard scalars and ``train_log.jsonl`` under ``{log
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 import random
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -31,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from backbone import EfficientDetBackbone
+from backbone import EfficientDetBackbone, build_model
 from efficientdet.config import get_model_config
 from efficientdet.dataset import create_dataloaders
 from efficientdet.loss import FocalLoss
@@ -228,9 +226,7 @@ class Trainer:
         self.train_loader, self.val_loader = self.data.train_loader, self.data.val_loader
         self.train_sampler: ResumableSampler = self.train_loader.sampler
 
-        model = EfficientDetBackbone(num_classes=self.project.num_classes, compound_coef=args.compound_coef,
-                                     ratios=self.project.anchors_ratios, scales=self.project.anchors_scales,
-                                     pool_padding=str(self.project.extra.get("pool_padding", "published")))
+        model = build_model(args.compound_coef, self.project)
         self.state = RunState()
         self.resume_from: Optional[Dict[str, Any]] = None
         weights = resolve_weights(args, self.run_dir)
@@ -383,7 +379,6 @@ class Trainer:
         self.stop_requested = signal.Signals(signum).name
 
     def run(self) -> int:
-        args, state = self.args, self.state
         previous = {sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.model.train()
         if self.is_main:

@@ -10,7 +10,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .config import DROP_CONNECT_RATE, STEM_CHANNELS, BlockArgs, get_scaling, round_filters, scaled_blocks
+from .config import DROP_CONNECT_RATE, STEM_CHANNELS, get_scaling, round_filters, scaled_blocks
 from .utils import BN_EPS, BN_MOMENTUM, Conv2dStaticSamePadding, Swish, drop_connect
 
 

@@ -20,7 +20,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from backbone import EfficientDetBackbone
+from backbone import EfficientDetBackbone, build_model
 from utils.device import select_device
 from utils.postprocess import Detections, postprocess
 from utils.preprocess import ImageInput, ImageMeta, SizeSpec, boxes_to_original, canvas_size, preprocess
@@ -81,18 +81,16 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, compound_coef: int, weights: Union[str, Path, Mapping[str, Any]],
-                        project: Union[ProjectConfig, str, Path], pool_padding: str = "published",
-                        **kwargs: Any) -> "Detector":
-        """Build ``-c compound_coef`` with the project's classes and anchors, load ``weights`` (path or
-        state_dict; the class count must match), and wrap it. ``kwargs`` go to :class:`Detector`.
+                        project: Union[ProjectConfig, str, Path], **kwargs: Any) -> "Detector":
+        """Build ``-c compound_coef`` for the project (classes, anchors, pool padding: see
+        :func:`backbone.build_model`), load ``weights`` (path or state_dict; the class count must
+        match), and wrap it. ``kwargs`` go to :class:`Detector`.
 
         Raises FileNotFoundError / ValueError (missing file, checkpoint of another model or class count).
         """
         if not isinstance(project, ProjectConfig):
             project = load_project(project)
-        model = EfficientDetBackbone(num_classes=project.num_classes, compound_coef=compound_coef,
-                                     ratios=project.anchors_ratios, scales=project.anchors_scales,
-                                     pool_padding=pool_padding)
+        model = build_model(compound_coef, project)
         load_weights(model, weights, strict_classes=True)
         return cls(model, project, **kwargs)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
