@@ -43,6 +43,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (default 1)")
     parser.add_argument("--threshold", type=float, default=0.05, help="score threshold (default 0.05)")
     parser.add_argument("--nms_threshold", type=float, default=0.5, help="NMS IoU threshold (default 0.5)")
+    parser.add_argument("--nms", choices=("hard", "soft"), default="hard",
+                        help="hard: threshold + batched NMS (published); soft: the official evaluation "
+                             "(top-5000, per-class gaussian soft-NMS, 100 boxes; ignores the thresholds)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or N (default: CUDA when available)")
     parser.add_argument("--float16", action="store_true", help="half-precision inference (meant for CUDA)")
     parser.add_argument("--max_images", type=int, default=None,
@@ -80,7 +83,8 @@ def compute_results(args: argparse.Namespace, project: ProjectConfig, image_dir:
     """Build the model, load ``weights`` (class count must match), detect on the set: (image_ids, records)."""
     detector = Detector.from_checkpoint(args.compound_coef, weights, project, input_size=args.input_size,
                                         device=select_device(args.device), float16=args.float16,
-                                        threshold=args.threshold, iou_threshold=args.nms_threshold)
+                                        threshold=args.threshold, iou_threshold=args.nms_threshold,
+                                        nms=args.nms)
     image_ids, detections = run_detector_on_set(detector, image_dir, ann_file, args.batch_size,
                                                 args.max_images, progress=not args.no_progress)
     return image_ids, detections_to_coco(image_ids, detections, project.obj_list)

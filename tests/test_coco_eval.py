@@ -173,3 +173,16 @@ def test_parse_args_defaults():
     assert (args.compound_coef, args.threshold, args.nms_threshold, args.batch_size) == (0, 0.05, 0.5, 1)
     assert args.data_path == "datasets/" and args.output == "." and not args.override and not args.float16
     assert args.max_images is None and args.input_size is None and not math.isnan(args.threshold)
+
+
+def test_official_soft_nms_option(setup, capsys):
+    """--nms soft: the official post-processing (at most 100 boxes per image, thresholds ignored)."""
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--nms", "soft", "--override"))) == 0
+    assert "Average Precision" in capsys.readouterr().out
+    results = json.loads((setup["out"] / "val_bbox_results.json").read_text())
+    per_image = {}
+    for record in results:
+        per_image[record["image_id"]] = per_image.get(record["image_id"], 0) + 1
+    assert per_image and max(per_image.values()) <= 100
+    # Soft-NMS keeps decayed scores below the hard path's 0.05 threshold.
+    assert min(r["score"] for r in results) < 0.05

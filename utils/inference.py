@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,6 +26,7 @@ from utils.device import select_device
 from utils.postprocess import Detections, postprocess
 from utils.preprocess import ImageInput, ImageMeta, SizeSpec, boxes_to_original, canvas_size, preprocess
 from utils.project import ProjectConfig, load_project
+from utils.soft_nms import official_postprocess
 from utils.weights import load_weights
 
 logger = logging.getLogger(__name__)
@@ -52,11 +54,17 @@ class Detector:
         threshold: default score threshold (keep score > threshold).
         iou_threshold: default NMS IoU threshold (suppress IoU > iou_threshold).
         clip_to_image: clip boxes to the original image after mapping them back (default True).
+        nms: "hard" (default: score > threshold, batched NMS, as the published implementation) or
+            "soft" (the official evaluation: top-5000 class-anchor scores, per-class gaussian soft-NMS,
+            at most 100 boxes; ``threshold``/``iou_threshold`` do not apply; see :mod:`utils.soft_nms`).
     """
 
     def __init__(self, model: EfficientDetBackbone, project: ProjectConfig, input_size: Optional[SizeSpec] = None,
                  device: Optional[Union[str, torch.device]] = None, float16: bool = False,
-                 threshold: float = 0.2, iou_threshold: float = 0.2, clip_to_image: bool = True) -> None:
+                 threshold: float = 0.2, iou_threshold: float = 0.2, clip_to_image: bool = True,
+                 nms: str = "hard") -> None:
+        if nms not in ("hard", "soft"):
+            raise ValueError(f"nms must be 'hard' or 'soft', got {nms!r}")
         if model.num_classes != project.num_classes:
             raise ValueError(f"model has {model.num_classes} classes, project {project.path or project.project_name} "
                              f"lists {project.num_classes} in obj_list")
@@ -78,6 +86,7 @@ class Detector:
         self.threshold = float(threshold)
         self.iou_threshold = float(iou_threshold)
         self.clip_to_image = clip_to_image
+        self.nms = nms
 
     @classmethod
     def from_checkpoint(cls, compound_coef: int, weights: Union[str, Path, Mapping[str, Any]],
@@ -137,9 +146,21 @@ class Detector:
             # Half-precision anchors lose whole pixels above 1024: decode against float32 ones.
             reference = inputs.new_empty((0, 3, inputs.shape[2], inputs.shape[3]), dtype=torch.float32)
             anchors = self.model.anchors(reference)
-        results = postprocess((int(inputs.shape[2]), int(inputs.shape[3])), anchors, regression, classification,
-                              threshold, iou_threshold, obj_list=self.project.obj_list)
+        input_hw = (int(inputs.shape[2]), int(inputs.shape[3]))
+        if self.nms == "soft":
+            results = [_to_detections(r, self.project.obj_list) for r in official_postprocess(
+                regression.float(), classification.float(), anchors, input_hw)]
+        else:
+            results = postprocess(input_hw, anchors, regression, classification, threshold, iou_threshold,
+                                  obj_list=self.project.obj_list)
         if metas is not None:
             for dets, meta in zip(results, metas):
                 dets.boxes = boxes_to_original(dets.boxes, meta, clip=self.clip_to_image)
         return results
+
+
+def _to_detections(result: Dict[str, Tensor], obj_list: Sequence[str]) -> Detections:
+    """A :func:`utils.soft_nms.official_postprocess` result as :class:`Detections`."""
+    class_ids = result["class_ids"].cpu().numpy().astype(np.int64)
+    return Detections(result["rois"].float().cpu().numpy(), class_ids, result["scores"].float().cpu().numpy(),
+                      [obj_list[c] if 0 <= c < len(obj_list) else "" for c in class_ids.tolist()])
