@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -39,6 +37,7 @@ from backbone import EfficientDetBackbone
 from efficientdet.anchors import OFFICIAL_RATIOS
 from efficientdet.config import MODEL_CONFIGS, ModelConfig, get_model_config
 from utils.tf_checkpoint import TFCheckpointReader
+from utils.weights import atomic_save
 
 logger = logging.getLogger("convert_official")
 
@@ -326,19 +325,6 @@ def convert(reader: TFCheckpointReader, compound_coef: int, num_classes: int = 9
     return {key: result[key] for key in own}
 
 
-def save_atomic(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(state_dict, temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Convert an official EfficientDet TF checkpoint to a PyTorch state_dict")
@@ -357,7 +343,7 @@ def main(args: argparse.Namespace) -> int:
         config = get_model_config(args.compound_coef)
         reader = TFCheckpointReader(args.ckpt)
         state_dict = convert(reader, args.compound_coef, args.num_classes, use_ema=not args.raw)
-        save_atomic(state_dict, Path(args.output))
+        atomic_save(state_dict, Path(args.output))
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"convert_official.py: error: {exc}", file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -34,13 +35,19 @@ from efficientdet.config import get_model_config
 from efficientdet.dataset import create_dataloaders
 from efficientdet.loss import FocalLoss
 from utils.device import select_device
+from utils.draw import draw_detections
+from utils.evaluation import evaluate_detector
+from utils.inference import Detector
+from utils.plot import plot_training_log
+from utils.postprocess import postprocess
 from utils.project import ProjectConfig, load_project
-from utils.training import (CHECKPOINT_FORMAT, ModelEMA, ResumableSampler, atomic_save, checkpoint_name,
+from utils.training import (CHECKPOINT_FORMAT, ModelEMA, ResumableSampler, checkpoint_name,
                             find_last_checkpoint, freeze_backbone_and_bifpn, is_training_checkpoint,
                             load_backbone_weights, warmup_cosine_lambda)
-from utils.weights import load_weights, read_checkpoint
+from utils.weights import atomic_save, load_weights, read_checkpoint
 
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before the run stops
+DEBUG_DIR = Path("test")  # --debug images, as published
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -82,6 +89,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--no_flip", action="store_true", help="disable horizontal flip augmentation")
     p.add_argument("--scale_jitter", action="store_true", help="random scale 0.1-2.0 + crop (official recipe)")
     p.add_argument("--val_map", action="store_true", help="'best' by validation COCO mAP instead of loss")
+    p.add_argument("--bn_momentum", type=float, default=None,
+                   help="BatchNorm momentum while training (default: the official 0.01; from-scratch runs on small "
+                        "data may prefer 0.1 so that the running statistics used at evaluation converge quickly)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     return p.parse_args(argv)
@@ -239,6 +249,12 @@ class Trainer:
             if is_training_checkpoint(checkpoint) and not skipped:
                 self.resume_from = checkpoint
             self.log(f"loaded weights from {weights}" + (" (class output layer re-initialised)" if skipped else ""))
+        if args.bn_momentum is not None:
+            if not 0.0 < args.bn_momentum <= 1.0:
+                raise ValueError(f"--bn_momentum must be in (0, 1], got {args.bn_momentum}")
+            for module in model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.momentum = args.bn_momentum
         if args.head_only:
             frozen = freeze_backbone_and_bifpn(model)
             self.log(f"--head_only: froze {len(frozen)} backbone and BiFPN tensors")
@@ -321,15 +337,25 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
 
     # ---------------------------------------------------------------------------------------------
+    def _plot_curves(self) -> None:
+        """Training curves to ``{log_path}/{project}/loss_curves.png`` (rank 0)."""
+        log = self.log_dir / "train_log.jsonl"
+        if self.is_main and log.exists():
+            records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+            plot_training_log(records, self.log_dir / "loss_curves.png",
+                              title=f"{self.config.name} {self.project.project_name}")
+
     def _autocast(self):
         if self.amp_dtype is None:
             return torch.autocast(device_type=self.device.type, enabled=False)
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, images: Tensor, annotations: Tensor) -> Optional[Tuple[float, float]]:
+        """One optimizer step; None (and no update) when the loss is not finite."""
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            cls_loss, reg_loss, _ = self.net(images, annotations)
+            cls_loss, reg_loss, outputs = self.net(images, annotations)
+        self.last_outputs = tuple(t.detach() for t in outputs)
         loss = cls_loss + reg_loss
         if not bool(torch.isfinite(loss)):
             return None
@@ -365,15 +391,37 @@ class Trainer:
         n = max(1.0, float(totals[2]))
         metrics = {"cls_loss": float(totals[0]) / n, "reg_loss": float(totals[1]) / n}
         metrics["loss"] = metrics["cls_loss"] + metrics["reg_loss"]
-        if self.args.val_map and self.is_main:
-            metrics["mAP"] = self._val_map(eval_model)
+        if self.args.val_map:
+            value = torch.tensor([self._val_map(eval_model) if self.is_main else 0.0], dtype=torch.float64)
+            if self.world > 1:
+                dist.broadcast(value, src=0)
+            metrics["mAP"] = float(value[0])
+            self.model.train(was_training)
         return metrics
 
     def _val_map(self, model: EfficientDetBackbone) -> float:
-        from utils.evaluation import evaluate_model_on_set
-        metrics = evaluate_model_on_set(model, self.project, self.data_root, self.project.val_set,
-                                        input_size=self.input_size, device=self.device)
+        """COCO mAP@[.5:.95] of ``model`` on the val set (the evaluator's defaults: 0.05 / NMS 0.5)."""
+        detector = Detector(model, self.project, input_size=self.input_size, device=self.device,
+                            threshold=0.05, iou_threshold=0.5)
+        set_name = self.project.val_set
+        metrics, _ = evaluate_detector(detector, self.data_root / set_name,
+                                       self.data_root / "annotations" / f"instances_{set_name}.json",
+                                       self.project.obj_list, batch_size=self.args.batch_size)
         return float(metrics["AP"])
+
+    def _save_debug_image(self, images: Tensor) -> None:
+        """--debug: the batch's first image with the boxes the model predicts now, to test/."""
+        regression, logits, anchors = (t.detach().float() for t in self.last_outputs)
+        dets = postprocess((int(images.shape[2]), int(images.shape[3])), anchors, regression[:1],
+                           logits[:1].sigmoid(), threshold=0.5, iou_threshold=0.3, obj_list=self.project.obj_list)[0]
+        mean = torch.tensor(self.project.mean).view(3, 1, 1)
+        std = torch.tensor(self.project.std).view(3, 1, 1)
+        rgb = (images[0].detach().float().cpu() * std + mean).clamp(0, 1).mul(255).byte()
+        bgr = np.ascontiguousarray(rgb.permute(1, 2, 0).numpy()[..., ::-1])
+        canvas = draw_detections(bgr, dets.boxes, dets.class_ids, dets.scores, dets.class_names)
+        path = DEBUG_DIR / f"debug_e{self.state.epoch}_s{self.state.step}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), canvas)
 
     def _handle_signal(self, signum, _frame) -> None:
         self.stop_requested = signal.Signals(signum).name
@@ -429,6 +477,8 @@ class Trainer:
                 bar.set_postfix(step=state.step, cls=f"{cls_loss:.4f}", reg=f"{reg_loss:.4f}", lr=f"{lr:.2e}")
                 self._log_scalars({"cls_loss": cls_loss, "reg_loss": reg_loss, "loss": cls_loss + reg_loss,
                                    "lr": lr}, state.step, "train")
+                if args.debug and self.is_main:
+                    self._save_debug_image(images)
                 if args.save_interval > 0 and state.step % args.save_interval == 0:
                     self.save()
                 if self.stop_requested:
@@ -443,9 +493,11 @@ class Trainer:
             finished_epoch = state.epoch
             state.epoch, state.epoch_step = state.epoch + 1, 0
             self.save(checkpoint_name(args.compound_coef, finished_epoch, state.step))
-            if args.val_interval > 0 and (finished_epoch + 1) % args.val_interval == 0:
-                if self._validate_and_maybe_stop(finished_epoch):
-                    return 0
+            stop = args.val_interval > 0 and (finished_epoch + 1) % args.val_interval == 0 and \
+                self._validate_and_maybe_stop(finished_epoch)
+            self._plot_curves()
+            if stop:
+                return 0
         return 0
 
     def _validate_and_maybe_stop(self, epoch: int) -> bool:

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from utils.preprocess import resized_shape
+
 logger = logging.getLogger(__name__)
 
 
@@ -77,15 +79,14 @@ _MAX_WARNINGS_PER_REASON = 10
 def letterbox_size(height: int, width: int, size: int) -> Tuple[int, int, float]:
     """Size of an image resized so that its longer side is ``size``, keeping its aspect.
 
-    Returns ``(new_height, new_width, scale)`` with ``scale = size / max(height, width)`` and the shorter
-    side ``int(side * scale)`` (at least 1), as the published ``Resizer``. Boxes scale by ``scale``.
+    Returns ``(new_height, new_width, scale)`` with ``scale = size / max(height, width)``; the sides are
+    those of inference pre-processing (:func:`utils.preprocess.resized_shape`), so training and
+    inference see identical geometry. Boxes scale by ``scale``.
     """
     if height <= 0 or width <= 0 or size <= 0:
         raise ValueError(f"letterbox_size: sides must be positive, got height={height}, width={width}, size={size}")
-    scale = size / max(height, width)
-    if height > width:
-        return size, max(1, int(width * scale)), scale
-    return max(1, int(height * scale)), size, scale
+    new_h, new_w = resized_shape(height, width, size, size)
+    return new_h, new_w, size / max(height, width)
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -7,9 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
@@ -23,24 +21,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "efficientdet-pytorch/1"
 _CKPT_NAME = re.compile(r"^efficientdet-d(\d)_(\d+)_(\d+)\.pth$")
-
-
-def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a
-    partial file under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def checkpoint_name(compound_coef: int, epoch: int, step: int) -> str:

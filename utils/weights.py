@@ -13,6 +13,8 @@ another model fails with a one-line error naming both.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -153,3 +155,21 @@ def load_weights(model: nn.Module, source: Source, strict_classes: bool = False)
                          f"{tuple(own[k].shape)} (anchor scales/ratios or model differ)")
     model.load_state_dict(state_dict, strict=not skipped)
     return skipped
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a
+    partial file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
