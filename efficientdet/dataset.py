@@ -238,6 +238,33 @@ def build_transform(input_size: int, mean: Sequence[float], std: Sequence[float]
 # Dataset
 # --------------------------------------------------------------------------------------------------
 
+def read_coco_json(path: Union[str, Path], keys: Sequence[str] = ("images", "annotations")) -> Dict[str, Any]:
+    """Read a COCO instances JSON whose ``keys`` must be lists.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: not UTF-8, malformed JSON, not an object, or a key missing / not a list (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with {', '.join(repr(k) for k in keys)}, "
+                         f"got {type(data).__name__}")
+    for key in keys:
+        if key not in data:
+            raise ValueError(f"{path}: missing key {key!r}")
+        if not isinstance(data[key], list):
+            raise ValueError(f"{path}: key {key!r}: expected a list, got {type(data[key]).__name__}")
+    return data
+
+
 class _ImageRecord(NamedTuple):
     image_id: int
     path: Path
@@ -302,24 +329,7 @@ class CocoDataset(Dataset):
     # ---- construction ------------------------------------------------------------------------
 
     def _read_json(self) -> Dict[str, Any]:
-        path = self.annotation_file
-        if not path.is_file():
-            raise FileNotFoundError(f"annotation file not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object with 'images' and 'annotations', "
-                             f"got {type(data).__name__}")
-        for key in ("images", "annotations"):
-            if key not in data:
-                raise ValueError(f"{path}: missing key {key!r}")
-            if not isinstance(data[key], list):
-                raise ValueError(f"{path}: key {key!r}: expected a list, got {type(data[key]).__name__}")
-        return data
+        return read_coco_json(self.annotation_file)
 
     def _warn(self, reason: str, message: str) -> None:
         self.skipped[reason] += 1

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
+from efficientdet.dataset import read_coco_json
+
 if TYPE_CHECKING:  # utils.inference imports torch and the model; only its types are needed here
     from utils.inference import Detections, Detector
 
@@ -68,17 +70,7 @@ def load_coco_annotations(ann_file: PathLike) -> Dict[str, Any]:
         ValueError: invalid JSON, or ``images`` / ``annotations`` / ``categories`` missing or not lists.
     """
     path = Path(ann_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a COCO annotation object, got {type(data).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise ValueError(f"{path}: key {key!r} missing or not a list")
+    data = read_coco_json(path, ("images", "annotations", "categories"))
     for index, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
             raise ValueError(f"{path}: images[{index}] lacks 'id' or 'file_name'")
