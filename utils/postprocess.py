@@ -77,7 +77,9 @@ def postprocess_tensors(input_hw: Tuple[int, int], anchors: Tensor, regression: 
     # Threshold first, then decode only the anchors that pass (the same numbers as decoding all of them:
     # every step is element-wise). amax over the flat [B * N, C] view is several times faster than
     # max(dim=2) with indices; the class index is taken on the few selected rows only.
-    best = classification.reshape(-1, num_classes).amax(dim=1).float()
+    flat = classification.reshape(-1, num_classes)
+    # Reduced-precision amax is slower on CPU than a float32 copy and a float32 amax (same values).
+    best = (flat if flat.dtype == torch.float32 else flat.float()).amax(dim=1)
     flat_index = torch.nonzero(best > threshold).squeeze(1)  # b * N + n, ascending
     image_index = torch.div(flat_index, num_anchors, rounding_mode="floor")
     anchor_index = flat_index - image_index * num_anchors
