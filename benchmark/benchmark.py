@@ -74,6 +74,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--onnx", action="store_true", help="also time an ONNX Runtime session (CPU provider)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and input (default 0)")
+    parser.add_argument("--keep_memory", action="store_true",
+                        help="glibc: keep freed memory in the heap (mallopt) so that large activations are not "
+                             "page-faulted in again every run (Linux only)")
     return parser.parse_args(argv)
 
 
@@ -118,6 +121,22 @@ def _rss_mib() -> float:
         pages = int(statm.read_text().split()[1])
         return pages * resource.getpagesize() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def keep_freed_memory() -> bool:
+    """glibc ``mallopt``: serve allocations up to 32 MiB from the heap and never trim it, so that the
+    activations of one run reuse the pages of the previous one. Returns False where not applicable."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 * 2 ** 20) and libc.mallopt(m_trim_threshold, 2 ** 30))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -229,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1 or args.runs < 1:
         raise ValueError(f"--threads and --runs must be at least 1, got {args.threads} and {args.runs}")
     torch.set_num_threads(args.threads)
+    if args.keep_memory and not keep_freed_memory():
+        raise ValueError("--keep_memory needs glibc's mallopt (Linux)")
     device = select_device(args.device)
     batch_sizes = [args.batch_size] if args.batch_size is not None else (args.batch_sizes or [1])
     if any(b < 1 for b in batch_sizes):
@@ -265,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         modes.append("onnx")
     name = base.config.name
     print(f"{name}, input {size}x{size}, {device}, {args.threads} threads, torch {torch.__version__}, "
-          f"{origin}; {args.runs} timed runs per mode after one warm-up, post-processing included")
+          f"{origin}{', mallopt keep memory' if args.keep_memory else ''}; {args.runs} timed runs per mode after one warm-up, post-processing included")
     all_results: List[Result] = []
     for batch_size in batch_sizes:
         all_results += benchmark(base, modes, batch_size, size, device, args.runs, args.threshold,
