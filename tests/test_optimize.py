@@ -33,7 +33,7 @@ import pytest  # noqa: E402
 from utils.optimize import FASTEST, InferenceModel, mode_name, parse_mode  # noqa: E402
 from utils.postprocess import postprocess  # noqa: E402
 
-FP32_MODES = ["fused", "channels_last", "trace", "fused+trace", "fused+channels_last", FASTEST]
+FP32_MODES = ["fused", "channels_last", "trace", FASTEST]
 OUTPUT_ATOL = 1e-4
 BOX_ATOL = 1e-3
 # bf16 keeps 8 bits of mantissa: probabilities are compared within this (documented in benchmark/README.md).
