@@ -75,8 +75,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and input (default 0)")
     parser.add_argument("--keep_memory", action="store_true",
-                        help="glibc: keep freed memory in the heap (mallopt) so that large activations are not "
-                             "page-faulted in again every run (Linux only)")
+                        help="glibc: keep freed memory in the heap (mallopt: no mmap, no trim) so that large "
+                             "activations are not page-faulted in again every run (Linux only)")
     return parser.parse_args(argv)
 
 
@@ -124,8 +124,10 @@ def _rss_mib() -> float:
 
 
 def keep_freed_memory() -> bool:
-    """glibc ``mallopt``: serve allocations up to 32 MiB from the heap and never trim it, so that the
-    activations of one run reuse the pages of the previous one. Returns False where not applicable."""
+    """glibc ``mallopt``: no ``mmap`` for large blocks, a 512 MiB top pad and no trimming, so that the
+    activations of one run reuse the pages of the previous one instead of being page-faulted in again
+    (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... MALLOC_TOP_PAD_=...`` in the environment does the same).
+    Returns False where glibc's mallopt is not available."""
     import ctypes
     import ctypes.util
 
@@ -135,8 +137,9 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(name)
     if not hasattr(libc, "mallopt"):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 * 2 ** 20) and libc.mallopt(m_trim_threshold, 2 ** 30))
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
+                and libc.mallopt(m_top_pad, 512 * 2 ** 20))
 
 
 def _synchronize(device: torch.device) -> None:
