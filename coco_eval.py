@@ -48,6 +48,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "(top-5000, per-class gaussian soft-NMS, 100 boxes; ignores the thresholds)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or N (default: CUDA when available)")
     parser.add_argument("--float16", action="store_true", help="half-precision inference (meant for CUDA)")
+    parser.add_argument("--mode", default="eager",
+                        help="inference mode: eager (default), fused, channels_last, trace, bf16, fp16 joined with + "
+                             "(e.g. fused+channels_last+trace), or fastest; see utils/optimize.py")
     parser.add_argument("--max_images", type=int, default=None,
                         help="evaluate only the first N images of the annotation file (default all)")
     parser.add_argument("--override", action="store_true",
@@ -84,7 +87,7 @@ def compute_results(args: argparse.Namespace, project: ProjectConfig, image_dir:
     detector = Detector.from_checkpoint(args.compound_coef, weights, project, input_size=args.input_size,
                                         device=select_device(args.device), float16=args.float16,
                                         threshold=args.threshold, iou_threshold=args.nms_threshold,
-                                        nms=args.nms)
+                                        nms=args.nms, mode=args.mode)
     image_ids, detections = run_detector_on_set(detector, image_dir, ann_file, args.batch_size,
                                                 args.max_images, progress=not args.no_progress)
     return image_ids, detections_to_coco(image_ids, detections, project.obj_list)

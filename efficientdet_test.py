@@ -38,6 +38,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", default="test", help="folder for the annotated images (default test/)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
     parser.add_argument("--float16", action="store_true", help="half-precision network (CUDA only)")
+    parser.add_argument("--mode", default="eager",
+                        help="inference mode: eager (default), fused, channels_last, trace, bf16, fp16 joined with + "
+                             "(e.g. fused+channels_last+trace), or fastest; see utils/optimize.py")
     parser.add_argument("--input_size", type=int, default=None,
                         help="network input side (multiple of the max stride; default: the model's)")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (default 1)")
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     weights = ensure_weights(args.compound_coef, args.weights)
     detector = Detector.from_checkpoint(args.compound_coef, weights, args.project, input_size=args.input_size,
                                         device=args.device, float16=args.float16, threshold=args.threshold,
-                                        iou_threshold=args.iou_threshold)
+                                        iou_threshold=args.iou_threshold, mode=args.mode)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     used_names = set()
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         fps = speed_test(detector, images, args.batch_size)
         print(f"speed test: {fps:.2f} FPS ({detector.model.config.name}, batch {min(args.batch_size, len(images))}, "
               f"input {detector.input_hw[0]}x{detector.input_hw[1]}, {detector.device}, "
-              f"{'float16' if args.float16 else 'float32'}, post-processing included)")
+              f"mode {detector.mode}, post-processing included)")
     return 0
 
 

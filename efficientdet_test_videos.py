@@ -36,6 +36,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--iou_threshold", type=float, default=0.2, help="NMS IoU threshold (suppress IoU > it)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
     parser.add_argument("--float16", action="store_true", help="half-precision network (CUDA only)")
+    parser.add_argument("--mode", default="eager",
+                        help="inference mode: eager (default), fused, channels_last, trace, bf16, fp16 joined with + "
+                             "(e.g. fused+channels_last+trace), or fastest; see utils/optimize.py")
     parser.add_argument("--input_size", type=int, default=None,
                         help="network input side (multiple of the max stride; default: the model's)")
     parser.add_argument("--max_frames", type=int, default=None, help="stop after this many frames (default: all)")
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     weights = ensure_weights(args.compound_coef, args.weights)
     detector = Detector.from_checkpoint(args.compound_coef, weights, args.project, input_size=args.input_size,
                                         device=args.device, float16=args.float16, threshold=args.threshold,
-                                        iou_threshold=args.iou_threshold)
+                                        iou_threshold=args.iou_threshold, mode=args.mode)
     capture = cv2.VideoCapture(source)
     if not capture.isOpened():
         raise ValueError(f"cannot open video {args.video!r}")

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backbone import EfficientDetBackbone
 from utils.optimize import fold_batchnorm
 
 
@@ -19,3 +20,133 @@ def test_fold_batchnorm_matches_eager(d0_model, d0_vectors):
     np.testing.assert_allclose(anchors.numpy(), d0_vectors["anchors"], atol=0, rtol=0)
     # The original model is untouched.
     assert any(isinstance(m, nn.BatchNorm2d) for m in d0_model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inference modes
+# ---------------------------------------------------------------------------------------------------------
+import copy  # noqa: E402
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+
+from utils.optimize import FASTEST, InferenceModel, mode_name, parse_mode  # noqa: E402
+from utils.postprocess import postprocess  # noqa: E402
+
+FP32_MODES = ["fused", "channels_last", "trace", FASTEST]
+OUTPUT_ATOL = 1e-4
+BOX_ATOL = 1e-3
+# bf16 keeps 8 bits of mantissa: probabilities are compared within this (documented in benchmark/README.md).
+BF16_CLASS_ATOL = 2e-2
+
+
+def gap_threshold(scores: np.ndarray, low: int = 10, high: int = 200) -> float:
+    """A threshold in the widest gap between the low-th and high-th largest best-class scores, so that
+    float round-off of another mode cannot move a score across it."""
+    top = np.sort(scores.ravel())[::-1][:high + 1]
+    gaps = top[low:high] - top[low + 1:high + 1]
+    i = low + int(np.argmax(gaps))
+    return float((top[i] + top[i + 1]) / 2)
+
+
+@pytest.fixture(scope="module")
+def eager_outputs(d0_model, d0_vectors):
+    x = torch.from_numpy(d0_vectors["input"])
+    with torch.inference_mode():
+        regression, classification, anchors = InferenceModel(copy.deepcopy(d0_model), "eager")(x)
+    threshold = gap_threshold(classification.max(dim=2).values.numpy())
+    dets = postprocess((x.shape[2], x.shape[3]), anchors, regression, classification, threshold, 0.2)
+    return x, regression, classification, anchors, threshold, dets
+
+
+def test_parse_mode_components_and_aliases():
+    assert parse_mode("eager") == frozenset()
+    assert parse_mode("fastest") == parse_mode(FASTEST) == frozenset({"fused", "channels_last", "trace"})
+    assert parse_mode("Trace+fused") == frozenset({"trace", "fused"})
+    assert mode_name("trace+fused") == "fused+trace" and mode_name("eager") == "eager"
+    assert parse_mode("fastest+bf16") == frozenset({"fused", "channels_last", "trace", "bf16"})
+    with pytest.raises(ValueError, match="'turbo'"):
+        parse_mode("fused+turbo")
+    with pytest.raises(ValueError, match="bf16 and fp16"):
+        parse_mode("bf16+fp16")
+    with pytest.raises(ValueError, match="fp16.*CUDA"):
+        InferenceModel(EfficientDetBackbone(num_classes=3, compound_coef=0).eval(), "fp16", device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mode", FP32_MODES)
+def test_fp32_modes_match_eager(mode, d0_model, eager_outputs):
+    x, regression, classification, anchors, threshold, expected = eager_outputs
+    model = copy.deepcopy(d0_model)
+    runner = InferenceModel(model, mode)
+    with torch.inference_mode():
+        reg, cls, anc = runner(x)
+    assert reg.dtype == cls.dtype == anc.dtype == torch.float32
+    np.testing.assert_allclose(reg.numpy(), regression.numpy(), atol=OUTPUT_ATOL, rtol=0)
+    np.testing.assert_allclose(cls.numpy(), classification.numpy(), atol=OUTPUT_ATOL, rtol=0)
+    assert torch.equal(anc, anchors)
+    dets = postprocess((x.shape[2], x.shape[3]), anc, reg, cls, threshold, 0.2)
+    assert sum(len(d) for d in expected) > 0
+    for got, want in zip(dets, expected):
+        assert len(got) == len(want)
+        np.testing.assert_array_equal(got.class_ids, want.class_ids)
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=BOX_ATOL, rtol=0)
+    if "fused" in runner.components:
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in runner.network.modules())
+    if "channels_last" in runner.components:
+        conv = next(m for m in runner.network.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_trace_graph_per_input_shape(d0_model, d0_vectors):
+    runner = InferenceModel(copy.deepcopy(d0_model), "fused+trace")
+    x = torch.from_numpy(d0_vectors["input"])
+    with torch.inference_mode():
+        reg2, cls2, _ = runner(x)
+        reg1, cls1, _ = runner(x[1:])  # another batch size: a second graph, same numbers
+        runner(x)
+    assert len(runner._traced) == 2
+    np.testing.assert_allclose(reg1.numpy(), reg2[1:].numpy(), atol=OUTPUT_ATOL, rtol=0)
+    np.testing.assert_allclose(cls1.numpy(), cls2[1:].numpy(), atol=OUTPUT_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        runner(torch.zeros(1, 3, 100, 128))
+
+
+def test_bf16_within_documented_tolerance(d0_model, d0_vectors):
+    """bf16 on top of the fastest fp32 mode: probabilities within BF16_CLASS_ATOL; detections may differ near
+    the threshold (the count is logged). The class logits are spread (×30) so that scores are not all tied."""
+    model = copy.deepcopy(d0_model)
+    with torch.no_grad():
+        model.classifier.header.pointwise_conv.conv.weight.mul_(30.0)
+    x = torch.from_numpy(d0_vectors["input"])
+    with torch.inference_mode():
+        regression, classification, anchors = InferenceModel(copy.deepcopy(model), "eager")(x)
+        reg, cls, anc = InferenceModel(model, FASTEST + "+bf16")(x)
+    assert cls.dtype == torch.bfloat16 and anc.dtype == torch.float32
+    class_error = float((cls.float() - classification).abs().max())
+    assert class_error <= BF16_CLASS_ATOL
+    threshold = gap_threshold(classification.max(dim=2).values.numpy())
+    hw = (x.shape[2], x.shape[3])
+    expected = postprocess(hw, anchors, regression, classification, threshold, 0.2)
+    dets = postprocess(hw, anc, reg, cls, threshold, 0.2)
+    matched = sum(int(np.isin(w.class_ids, g.class_ids).sum()) for g, w in zip(dets, expected))
+    total = sum(len(w) for w in expected)
+    logging.getLogger(__name__).info("bf16: max class error %.4f, detections (bf16, fp32) %s, %d/%d classes found",
+                                     class_error, [(len(g), len(w)) for g, w in zip(dets, expected)], matched, total)
+    assert total > 0 and matched >= 0.8 * total
+
+
+def test_detector_mode_gives_eager_detections(d0_model, eager_outputs):
+    from utils.inference import Detector
+    from utils.project import load_project
+
+    x, _, _, _, threshold, expected = eager_outputs
+    project = load_project("coco")
+    eager = Detector(copy.deepcopy(d0_model), project, input_size=(256, 384), device="cpu", threshold=threshold)
+    fast = Detector(copy.deepcopy(d0_model), project, input_size=(256, 384), device="cpu", threshold=threshold,
+                    mode="fastest")
+    assert eager.mode == "eager" and fast.mode == FASTEST
+    for got, want in zip(fast.predict_batch(x), eager.predict_batch(x)):
+        assert len(got) == len(want) and got.class_names == want.class_names
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=BOX_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="'warp'"):
+        Detector(copy.deepcopy(d0_model), project, input_size=(256, 384), device="cpu", mode="warp")

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from backbone import EfficientDetBackbone, build_model
 from utils.device import select_device
+from utils.optimize import InferenceModel
 from utils.postprocess import Detections, postprocess
 from utils.preprocess import ImageInput, ImageMeta, SizeSpec, boxes_to_original, canvas_size, preprocess
 from utils.project import ProjectConfig, load_project
@@ -49,20 +50,27 @@ class Detector:
         input_size: canvas side (int) or (height, width); default ``model.config.input_size``; every side must be
             a multiple of ``model.config.max_stride`` (ValueError otherwise).
         device: anything :func:`utils.device.select_device` accepts (default: CUDA when available, else CPU).
-        float16: run the network in half precision. CUDA only: on another device it is a ValueError.
-            Post-processing always runs in float32.
+        float16: run the network in half precision (the same as adding ``+fp16`` to ``mode``). CUDA only: on
+            another device it is a ValueError. Post-processing always runs in float32.
         threshold: default score threshold (keep score > threshold).
         iou_threshold: default NMS IoU threshold (suppress IoU > iou_threshold).
         clip_to_image: clip boxes to the original image after mapping them back (default True).
         nms: "hard" (default: score > threshold, batched NMS, as the published implementation) or
             "soft" (the official evaluation: top-5000 class-anchor scores, per-class gaussian soft-NMS,
             at most 100 boxes; ``threshold``/``iou_threshold`` do not apply; see :mod:`utils.soft_nms`).
+        mode: inference mode of :class:`utils.optimize.InferenceModel`: "eager" (default, plain float32),
+            "fused", "channels_last", "trace", "bf16", "fp16" joined with "+" (e.g. "fused+channels_last+trace"),
+            or "fastest". Every float32 mode gives the same detections as "eager" (up to float round-off).
+
+    Attributes:
+        model: the detector as given, on ``device`` (converted in place unless the mode folds a copy).
+        runner: the :class:`utils.optimize.InferenceModel` that runs the forward pass.
     """
 
     def __init__(self, model: EfficientDetBackbone, project: ProjectConfig, input_size: Optional[SizeSpec] = None,
                  device: Optional[Union[str, torch.device]] = None, float16: bool = False,
                  threshold: float = 0.2, iou_threshold: float = 0.2, clip_to_image: bool = True,
-                 nms: str = "hard") -> None:
+                 nms: str = "hard", mode: str = "eager") -> None:
         if nms not in ("hard", "soft"):
             raise ValueError(f"nms must be 'hard' or 'soft', got {nms!r}")
         if model.num_classes != project.num_classes:
@@ -79,9 +87,12 @@ class Detector:
         size = input_size if input_size is not None else model.config.input_size
         self.input_hw: Tuple[int, int] = canvas_size(size)
         model.check_input_size(*self.input_hw)
-        self.float16 = bool(float16)
-        self.dtype = torch.float16 if self.float16 else torch.float32
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.runner = InferenceModel(model.to(device=self.device).eval(), f"{mode}+fp16" if float16 else mode,
+                                     device=self.device)
+        self.mode = self.runner.name
+        self.float16 = self.runner.dtype == torch.float16
+        self.dtype = self.runner.dtype
+        self.model = model
         self.project = project
         self.threshold = float(threshold)
         self.iou_threshold = float(iou_threshold)
@@ -140,13 +151,10 @@ class Detector:
             raise ValueError(f"{len(metas)} metas for a batch of {batch.shape[0]} images")
         threshold = self.threshold if threshold is None else float(threshold)
         iou_threshold = self.iou_threshold if iou_threshold is None else float(iou_threshold)
-        inputs = batch.to(device=self.device, dtype=self.dtype, non_blocking=True)
-        _, regression, classification, anchors = self.model(inputs)
-        if anchors.dtype != torch.float32:
-            # Half-precision anchors lose whole pixels above 1024: decode against float32 ones.
-            reference = inputs.new_empty((0, 3, inputs.shape[2], inputs.shape[3]), dtype=torch.float32)
-            anchors = self.model.anchors(reference)
-        input_hw = (int(inputs.shape[2]), int(inputs.shape[3]))
+        # Anchors come back in float32 whatever the network's dtype (half-precision anchors lose whole
+        # pixels above 1024).
+        regression, classification, anchors = self.runner(batch)
+        input_hw = (int(batch.shape[2]), int(batch.shape[3]))
         if self.nms == "soft":
             results = [_to_detections(r, self.project.obj_list) for r in official_postprocess(
                 regression.float(), classification.float(), anchors, input_hw)]

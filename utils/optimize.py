@@ -1,14 +1,32 @@
-"""Inference-only transformations of a detector: BatchNorm folding, channels-last, frozen graphs.
+"""Inference-only transformations of a detector: BatchNorm folding, channels-last, frozen graphs,
+reduced precision, combined into the inference *modes* of :class:`InferenceModel`.
 
-Every transformation keeps the network's function (up to float round-off) and returns a model with
-the same ``forward`` contract as :class:`backbone.EfficientDetBackbone`. They are for inference
-only: folded models cannot be trained or saved as published checkpoints.
+Every transformation keeps the network's function (up to float round-off; bf16/fp16 up to their
+precision) and returns the same outputs as :class:`backbone.EfficientDetBackbone`. They are for
+inference only: folded models cannot be trained or saved as published checkpoints.
+
+A mode is a ``+``-joined set of components (order does not matter)::
+
+    eager           plain float32 model (the reference; no component)
+    fused           every BatchNorm folded into the conv before it (:func:`fold_batchnorm`)
+    channels_last   weights and activations in NHWC memory format (oneDNN's preferred layout on CPU)
+    trace           torch.jit.trace + torch.jit.freeze per input shape (B, H, W); the frozen graph
+                    returns (regression, classification), anchors come from the model's cached Anchors
+    bf16            weights and activations in bfloat16 (CPU with AVX512-BF16/AMX, or CUDA)
+    fp16            weights and activations in float16 (CUDA only)
+
+e.g. ``fused+channels_last+trace``. Aliases: ``eager`` (no component) and ``fastest``
+(:data:`FASTEST`: the fastest float32 combination measured, same detections as ``eager``; see
+``benchmark/README.md``). ``torch.compile`` is not offered: on the 2-core reference CPU it took 76 s
+to compile D0 and ran slower than the frozen trace.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Sequence
+import warnings
+from collections import OrderedDict
+from typing import Dict, FrozenSet, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +36,18 @@ from efficientnet.utils import Conv2dStaticSamePadding
 
 logger = logging.getLogger(__name__)
 
-MODES = ("eager", "fused", "channels_last", "trace", "bf16")
+# Components in canonical order (mode names are written in this order).
+MODE_COMPONENTS: Tuple[str, ...] = ("fused", "channels_last", "trace", "bf16", "fp16")
+# The fastest float32 mode (identical detections to eager): D0 512x512 batch 1 on 2 CPU threads,
+# see benchmark/README.md.
+FASTEST = "fused+channels_last+trace"
+MODE_ALIASES: Dict[str, str] = {"eager": "", "fastest": FASTEST}
+# The modes worth listing (CLI help, benchmark default); any combination of components is valid.
+MODES: Tuple[str, ...] = ("eager", "fused", "channels_last", "trace", "fused+channels_last",
+                          "fused+trace", "fused+channels_last+trace", "fused+channels_last+trace+bf16",
+                          "fused+channels_last+trace+fp16", "fastest")
+# Input shapes whose frozen graphs an InferenceModel keeps (oldest dropped first).
+TRACE_CACHE_SIZE = 4
 
 
 @torch.no_grad()
@@ -108,3 +137,201 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     if remaining:
         raise RuntimeError(f"BatchNorm left unfolded: {remaining[:3]}")
     return model
+
+
+def parse_mode(mode: str) -> FrozenSet[str]:
+    """The components of a mode string such as ``"fused+channels_last+trace"``, ``"eager"`` or ``"fastest"``.
+
+    Raises ValueError naming the mode for an unknown component, or for ``bf16`` with ``fp16``.
+    """
+    if not isinstance(mode, str) or not mode.strip():
+        raise ValueError(f"mode must be a non-empty string such as 'eager' or 'fused+trace', got {mode!r}")
+    components = set()
+    for part in mode.strip().lower().split("+"):
+        part = part.strip()
+        if part in MODE_ALIASES:
+            components.update(p for p in MODE_ALIASES[part].split("+") if p)
+        elif part in MODE_COMPONENTS:
+            components.add(part)
+        else:
+            raise ValueError(f"unknown mode component {part!r} in mode {mode!r}: use 'eager', 'fastest' or a "
+                             f"'+'-joined set of {', '.join(MODE_COMPONENTS)}")
+    if "bf16" in components and "fp16" in components:
+        raise ValueError(f"mode {mode!r} asks for both bf16 and fp16: pick one")
+    return frozenset(components)
+
+
+def mode_name(components: Union[str, FrozenSet[str], Sequence[str]]) -> str:
+    """Canonical name of a mode (components in :data:`MODE_COMPONENTS` order; ``"eager"`` when empty)."""
+    parts = parse_mode(components) if isinstance(components, str) else frozenset(components)
+    unknown = parts.difference(MODE_COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown mode components {sorted(unknown)}")
+    return "+".join(c for c in MODE_COMPONENTS if c in parts) or "eager"
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 convolutions have native support here (CUDA with bf16, or a CPU with oneDNN bf16:
+    AVX512-BF16 / AMX). Elsewhere bf16 still runs, through slow emulation."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    checker = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and checker is not None and checker())
+
+
+class _OutputsOnly(nn.Module):
+    """The detector without features and anchors, for tracing: images -> (regression, classification)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Tensor) -> Tuple[Tensor, Tensor]:
+        _, regression, classification, _ = self.model(inputs)
+        return regression, classification
+
+
+class InferenceModel:
+    """An :class:`EfficientDetBackbone` prepared for one inference mode; ``__call__(images)`` runs it.
+
+    Args:
+        model: the detector (eval mode is set). It is moved to ``device`` and, for the modes without
+            ``fused``, converted in place (dtype, memory format) as the Detector always did; ``fused``
+            folds a copy (in float32, before any precision change) and leaves ``model`` unconverted.
+        mode: see the module doc, e.g. ``"eager"``, ``"fused+channels_last+trace"``, ``"fastest"``.
+        device: where the network runs (``torch.device``); default: where ``model`` is.
+
+    ``fp16`` on a non-CUDA device is a ValueError. ``bf16`` is allowed everywhere; where
+    :func:`bf16_supported` is False it is emulated (slow) and a warning is logged.
+
+    Attributes:
+        network: the module that runs (the folded copy under ``fused``, else ``model`` itself).
+        components: the mode's components; ``name``: its canonical name.
+        dtype: the network's dtype (float32, bfloat16 or float16).
+    """
+
+    def __init__(self, model: nn.Module, mode: str = "eager", device: Optional[torch.device] = None) -> None:
+        self.components = parse_mode(mode)
+        self.name = mode_name(self.components)
+        if device is None:
+            device = next(model.parameters()).device
+        self.device = torch.device(device)
+        if "fp16" in self.components and self.device.type != "cuda":
+            raise ValueError(f"mode {mode!r}: fp16 inference needs a CUDA device, got {self.device}")
+        if "bf16" in self.components and not bf16_supported(self.device):
+            logger.warning("mode %r: no native bfloat16 support on %s, bf16 is emulated (slow)", mode, self.device)
+        self.dtype = (torch.bfloat16 if "bf16" in self.components
+                      else torch.float16 if "fp16" in self.components else torch.float32)
+        self.memory_format = torch.channels_last if "channels_last" in self.components else torch.contiguous_format
+        model.eval()
+        self.anchors = model.anchors
+        if "fused" in self.components:
+            network = fold_batchnorm(model.to(device=self.device, dtype=torch.float32))
+        else:
+            network = model
+        self.network = network.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format).eval()
+        self._traced: "OrderedDict[Tuple[int, ...], torch.jit.ScriptModule]" = OrderedDict()
+
+    def prepare_inputs(self, images: Tensor) -> Tensor:
+        """images: Tensor[B, 3, H, W] (any device / float dtype) -> on the network's device, dtype and layout."""
+        images = images.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        return images.contiguous(memory_format=self.memory_format)
+
+    def traced(self, inputs: Tensor) -> torch.jit.ScriptModule:
+        """The frozen graph for ``inputs``'s shape (traced on first use; :data:`TRACE_CACHE_SIZE` kept)."""
+        key = tuple(int(v) for v in inputs.shape)
+        graph = self._traced.get(key)
+        if graph is None:
+            logger.info("tracing %s for input shape %s", self.name, key)
+            with torch.no_grad(), warnings.catch_warnings():
+                # Python ints (input checks, padding amounts) become constants of this shape's graph.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                # torch.jit is deprecated in favour of torch.compile, which is far slower to build here
+                # (see the module doc); the frozen trace is the measured faster option.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                graph = torch.jit.freeze(torch.jit.trace(_OutputsOnly(self.network).eval(), inputs,
+                                                         check_trace=False))
+                # TorchScript's profiling executor specialises and optimises the graph over its first runs.
+                for _ in range(2):
+                    graph(inputs)
+            self._traced[key] = graph
+            while len(self._traced) > TRACE_CACHE_SIZE:
+                self._traced.popitem(last=False)
+        else:
+            self._traced.move_to_end(key)
+        return graph
+
+    def __call__(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """images: Tensor[B, 3, H, W] normalised RGB -> ``(regression Tensor[B, N, 4] (dy, dx, dh, dw),
+        classification Tensor[B, N, C] sigmoid probabilities, anchors Tensor[1, N, 4] (y1, x1, y2, x2)
+        input pixels float32)``; regression and classification in :attr:`dtype`."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images Tensor[B, 3, H, W], got shape {tuple(images.shape)}")
+        inputs = self.prepare_inputs(images)
+        if "trace" in self.components:
+            self.network.check_input_size(int(inputs.shape[2]), int(inputs.shape[3]))
+            regression, classification = self.traced(inputs)(inputs)
+        else:
+            _, regression, classification, _ = self.network(inputs)
+        reference = inputs.new_empty((0, 3, inputs.shape[2], inputs.shape[3]), dtype=torch.float32)
+        return regression, classification, self.anchors(reference)
+
+
+class ExportModule(nn.Module):
+    """The detector as an ONNX-exportable graph: images -> (regression, classification), or with
+    ``with_decode`` -> (boxes, scores) through :class:`efficientdet.anchors.BBoxTransform` and
+    :class:`efficientdet.anchors.ClipBoxes` against the anchors of ``input_hw`` (a constant of the graph).
+
+    Outputs: regression Tensor[B, N, 4] (dy, dx, dh, dw), classification Tensor[B, N, C] sigmoid
+    probabilities; or boxes Tensor[B, N, 4] (x1, y1, x2, y2) input pixels clipped to the input, and
+    scores Tensor[B, N, C] (the classification).
+    """
+
+    def __init__(self, model: nn.Module, input_hw: Tuple[int, int], with_decode: bool = False) -> None:
+        super().__init__()
+        from efficientdet.anchors import BBoxTransform, ClipBoxes
+
+        self.model = model
+        self.input_hw = (int(input_hw[0]), int(input_hw[1]))
+        self.with_decode = with_decode
+        self.regress = BBoxTransform()
+        self.clip = ClipBoxes()
+        reference = torch.empty((0, 3) + self.input_hw, dtype=torch.float32,
+                                device=next(model.parameters()).device)
+        self.register_buffer("anchors", model.anchors(reference).clone(), persistent=False)
+
+    def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        _, regression, classification, _ = self.model(images)
+        if not self.with_decode:
+            return regression, classification
+        reference = images.new_empty((0, 0) + self.input_hw)
+        return self.clip(self.regress(self.anchors, regression), reference), classification
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, path: str, input_hw: Tuple[int, int], batch_size: int = 1,
+                dynamic_batch: bool = False, with_decode: bool = False, opset: int = 17,
+                fuse: bool = True) -> Tuple[str, str]:
+    """Export an :class:`EfficientDetBackbone` (eval mode, float32, on its device) to ONNX at ``path``.
+
+    The graph takes ``images`` float32[B, 3, H, W] (B symbolic with ``dynamic_batch``) and returns
+    ``(regression, classification)`` or, with ``with_decode``, ``(boxes, scores)`` (see
+    :class:`ExportModule`). ``fuse`` folds BatchNorm first (the same function, fewer nodes).
+    Returns the output names.
+    """
+    height, width = int(input_hw[0]), int(input_hw[1])
+    model.check_input_size(height, width)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    network = fold_batchnorm(model) if fuse else copy.deepcopy(model).eval()
+    module = ExportModule(network, (height, width), with_decode=with_decode).eval()
+    device = next(network.parameters()).device
+    example = torch.zeros((batch_size, 3, height, width), dtype=torch.float32, device=device)
+    outputs = ("boxes", "scores") if with_decode else ("regression", "classification")
+    dynamic_axes = {name: {0: "batch"} for name in ("images",) + outputs} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=list(outputs),
+                          dynamic_axes=dynamic_axes, opset_version=int(opset), dynamo=False)
+    logger.info("exported %s (%dx%d, opset %d) to %s", type(model).__name__, height, width, opset, path)
+    return outputs

@@ -72,19 +72,28 @@ def postprocess_tensors(input_hw: Tuple[int, int], anchors: Tensor, regression: 
         iou_threshold: class-aware NMS suppresses IoU > this.
     """
     _check_outputs(regression, classification, anchors)
-    anchors = anchors.float()
-    regression = regression.float()
-    classification = classification.float()
+    batch_size, num_anchors, num_classes = classification.shape
     height, width = int(input_hw[0]), int(input_hw[1])
+    # Threshold first, then decode only the anchors that pass (the same numbers as decoding all of them:
+    # every step is element-wise). amax over the flat [B * N, C] view is several times faster than
+    # max(dim=2) with indices; the class index is taken on the few selected rows only.
+    flat = classification.reshape(-1, num_classes)
+    # Reduced-precision amax is slower on CPU than a float32 copy and a float32 amax (same values).
+    best = (flat if flat.dtype == torch.float32 else flat.float()).amax(dim=1)
+    flat_index = torch.nonzero(best > threshold).squeeze(1)  # b * N + n, ascending
+    image_index = torch.div(flat_index, num_anchors, rounding_mode="floor")
+    anchor_index = flat_index - image_index * num_anchors
+    scores, classes = classification.reshape(-1, num_classes)[flat_index].float().max(dim=1)
+    selected_anchors = anchors.float()[image_index if anchors.shape[0] > 1 else torch.zeros_like(image_index),
+                                       anchor_index]
+    selected_regression = regression.reshape(-1, 4)[flat_index].float()
     # ClipBoxes only reads the last two dimensions of its reference tensor.
-    reference = regression.new_empty((0, 0, height, width))
-    boxes = _CLIP(_REGRESS(anchors, regression), reference)
-    scores, classes = classification.max(dim=2)
-    selected = scores > threshold
+    reference = selected_regression.new_empty((0, 0, height, width))
+    boxes = _CLIP(_REGRESS(selected_anchors[None], selected_regression[None]), reference)[0]
+    counts = torch.bincount(image_index, minlength=batch_size).tolist()
     results = []
-    for b in range(regression.shape[0]):
-        mask = selected[b]
-        boxes_b, scores_b, classes_b = boxes[b][mask], scores[b][mask], classes[b][mask]
+    # One NMS per image (the published per-image call; its sequential part is per kept box anyway).
+    for boxes_b, scores_b, classes_b in zip(boxes.split(counts), scores.split(counts), classes.split(counts)):
         keep = batched_nms(boxes_b, scores_b, classes_b, iou_threshold)
         results.append((boxes_b[keep], classes_b[keep].to(torch.int64), scores_b[keep]))
     return results

@@ -1,0 +1,325 @@
+"""Inference speed of EfficientDet D0–D7x per inference mode, post-processing included (SPEC §7 method).
+
+    python benchmark/benchmark.py -c 0                                  # D0, 512x512, batch 1, 2 threads
+    python benchmark/benchmark.py -c 0 --batch_sizes 1 8 --modes eager fastest   # images/s batch 8 vs 1
+    python benchmark/benchmark.py -c 0 --modes eager fastest --batch_size 1 --json out.json
+    python benchmark/benchmark.py -c 0 --onnx                           # also an ONNX Runtime session
+
+Method (SPEC §7): the same random (B, 3, S, S) tensor for every run; per mode one warm-up inference,
+then ``--runs`` timed runs of forward + post-processing (:func:`utils.postprocess.postprocess`, numpy
+detections out, so CUDA work is finished). The runs of all modes are interleaved (run 1 of every mode,
+then run 2 …) so that load from other processes spreads evenly over the modes. Ratios are against
+``eager`` (plain float32) of the same model measured in the same run. See benchmark/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from backbone import EfficientDetBackbone, build_model
+from utils.device import select_device
+from utils.optimize import InferenceModel, bf16_supported, mode_name, parse_mode
+from utils.postprocess import Detections, postprocess
+from utils.project import load_project
+from utils.weights import load_weights
+
+DEFAULT_RUNS = 10
+DEFAULT_THRESHOLD = 0.2
+DEFAULT_IOU_THRESHOLD = 0.2
+DEFAULT_CANDIDATES = 20
+CPU_MODES = ("eager", "fused", "channels_last", "fused+channels_last", "fused+channels_last+trace",
+             "fused+channels_last+trace+bf16")
+CUDA_MODES = ("eager", "fused", "fused+channels_last", "fused+channels_last+trace",
+              "fused+channels_last+trace+fp16", "fused+channels_last+trace+bf16")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--compound_coef", type=int, default=0, help="EfficientDet D0..D7x as 0..8 (default 0)")
+    parser.add_argument("-p", "--project", default="coco", help="project (class count, anchors; default coco)")
+    parser.add_argument("-w", "--weights", default=None,
+                        help="checkpoint to load (default: random weights with a calibrated class bias)")
+    parser.add_argument("--input_size", type=int, default=None, help="input side S (default: the model's)")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--batch_size", type=int, default=None, help="one batch size B")
+    sizes.add_argument("--batch_sizes", type=int, nargs="+", default=None,
+                       help="batch sizes to compare, e.g. 1 8 (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    parser.add_argument("--modes", nargs="+", default=None,
+                        help=f"inference modes (default on CPU: {' '.join(CPU_MODES)}; bf16 only where supported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help=f"timed runs per mode (default {DEFAULT_RUNS})")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="score threshold (default 0.2)")
+    parser.add_argument("--iou_threshold", type=float, default=DEFAULT_IOU_THRESHOLD, help="NMS IoU (default 0.2)")
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                        help="random weights: shift the class bias so that about this many anchors pass the "
+                             f"threshold in eager fp32 (a confident model; default {DEFAULT_CANDIDATES})")
+    parser.add_argument("--onnx", action="store_true", help="also time an ONNX Runtime session (CPU provider)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and input (default 0)")
+    parser.add_argument("--keep_memory", action="store_true",
+                        help="glibc: keep freed memory in the heap (mallopt: no mmap, no trim) so that large "
+                             "activations are not page-faulted in again every run (Linux only)")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Result:
+    """Timings of one mode at one batch size (milliseconds per batch)."""
+
+    mode: str
+    batch_size: int
+    times_ms: List[float] = field(default_factory=list)
+    post_ms: List[float] = field(default_factory=list)
+    setup_s: float = 0.0
+    memory_mib: float = 0.0
+    detections: int = 0
+    differing_images: int = 0
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def images_per_s(self) -> float:
+        return 1000.0 * self.batch_size / self.median_ms
+
+    @property
+    def post_share(self) -> float:
+        return statistics.median(self.post_ms) / self.median_ms
+
+    def summary(self, eager_ms: Optional[float]) -> Dict[str, object]:
+        return {"mode": self.mode, "batch_size": self.batch_size, "median_ms": self.median_ms,
+                "min_ms": min(self.times_ms), "max_ms": max(self.times_ms), "images_per_s": self.images_per_s,
+                "memory_mib": self.memory_mib, "detections": self.detections,
+                "differing_images": self.differing_images,
+                "ratio_vs_eager": self.median_ms / eager_ms if eager_ms else None,
+                "post_share": self.post_share, "setup_s": self.setup_s, "times_ms": self.times_ms}
+
+
+def _rss_mib() -> float:
+    """Current resident set size in MiB (Linux /proc; falls back to the peak from ``resource``)."""
+    statm = Path("/proc/self/statm")
+    if statm.exists():
+        pages = int(statm.read_text().split()[1])
+        return pages * resource.getpagesize() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def keep_freed_memory() -> bool:
+    """glibc ``mallopt``: no ``mmap`` for large blocks, a 512 MiB top pad and no trimming, so that the
+    activations of one run reuse the pages of the previous one instead of being page-faulted in again
+    (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... MALLOC_TOP_PAD_=...`` in the environment does the same).
+    Returns False where glibc's mallopt is not available."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
+                and libc.mallopt(m_top_pad, 512 * 2 ** 20))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def calibrate_class_bias(model: EfficientDetBackbone, images: torch.Tensor, threshold: float, candidates: int) -> None:
+    """Emulate a confident model: shift the class output bias so that about ``candidates`` (anchor, class)
+    scores of ``images`` exceed ``threshold`` (the threshold midway between the k-th and k+1-th logits)."""
+    _, _, classification, _ = model(images)
+    logits = torch.logit(classification.double().flatten(), eps=1e-12)
+    k = max(1, min(candidates, logits.numel() - 1))
+    top = torch.topk(logits, k + 1).values
+    target = math.log(threshold / (1.0 - threshold))
+    shift = float((top[k - 1] + top[k]) / 2) - target
+    model.classifier.header.pointwise_conv.conv.bias.sub_(shift)
+
+
+def same_detections(a: Detections, b: Detections, box_atol: float = 1e-3) -> bool:
+    """Same count, same classes in the same order, boxes within ``box_atol`` pixels."""
+    return (len(a) == len(b) and np.array_equal(a.class_ids, b.class_ids)
+            and bool(np.all(np.abs(a.boxes - b.boxes) <= box_atol)))
+
+
+def _runner_for(mode: str, base: EfficientDetBackbone, device: torch.device,
+                onnx_path: Optional[str], threads: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]:
+    """images -> (regression, classification, anchors float32) for a mode (``onnx``: ONNX Runtime)."""
+    if mode == "onnx":
+        session = _onnx_session(onnx_path, threads)
+        anchors = base.anchors
+
+        def run_onnx(images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+            regression, classification = session.run(None, {"images": images.cpu().numpy()})
+            return torch.from_numpy(regression), torch.from_numpy(classification), anchors(images.float())
+        return run_onnx
+    return InferenceModel(copy.deepcopy(base), mode, device=device)
+
+
+def _onnx_session(path: Optional[str], threads: int):
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ValueError(f"--onnx needs onnxruntime (pip install -r requirements-dev.txt): {exc}") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def benchmark(base: EfficientDetBackbone, modes: Sequence[str], batch_size: int, size: int, device: torch.device,
+              runs: int, threshold: float, iou_threshold: float, seed: int, threads: int,
+              onnx_path: Optional[str] = None) -> List[Result]:
+    """Time every mode on the same (batch_size, 3, size, size) tensor; the first mode is the reference."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn((batch_size, 3, size, size), generator=generator).to(device)
+    hw = (size, size)
+    runners, results, reference = {}, {}, None
+    for mode in modes:
+        # Setup and warm-up one mode at a time (memory measured here), timed runs interleaved below.
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        rss_before = _rss_mib()
+        start = time.perf_counter()
+        runner = _runner_for(mode, base, device, onnx_path, threads)
+        with torch.inference_mode():
+            regression, classification, anchors = runner(images)  # warm-up (traces where the mode does)
+            dets = postprocess(hw, anchors, regression, classification, threshold, iou_threshold)
+        _synchronize(device)
+        result = Result(mode, batch_size, setup_s=time.perf_counter() - start)
+        result.memory_mib = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+                             else _rss_mib() - rss_before)
+        result.detections = sum(len(d) for d in dets)
+        if reference is None:
+            reference = dets
+        result.differing_images = sum(not same_detections(a, b) for a, b in zip(dets, reference))
+        runners[mode], results[mode] = runner, result
+    with torch.inference_mode():
+        for _ in range(runs):
+            for mode in modes:
+                _synchronize(device)
+                start = time.perf_counter()
+                regression, classification, anchors = runners[mode](images)
+                _synchronize(device)
+                middle = time.perf_counter()
+                postprocess(hw, anchors, regression, classification, threshold, iou_threshold)
+                end = time.perf_counter()  # postprocess returns numpy: the device work is finished
+                results[mode].times_ms.append(1000.0 * (end - start))
+                results[mode].post_ms.append(1000.0 * (end - middle))
+    return [results[mode] for mode in modes]
+
+
+def format_table(results: Sequence[Result]) -> List[str]:
+    """One line per result; ratio against the first (eager) result of the same batch size."""
+    lines = [f"{'mode':34s} {'B':>2s} {'median ms':>9s} {'min':>7s} {'max':>7s} {'img/s':>7s} {'mem MiB':>7s} "
+             f"{'dets':>5s} {'differ':>6s} {'x eager':>7s} {'post %':>6s} {'setup s':>7s}"]
+    eager: Dict[int, float] = {}
+    for r in results:
+        eager.setdefault(r.batch_size, r.median_ms)
+        lines.append(f"{r.mode:34s} {r.batch_size:2d} {r.median_ms:9.1f} {min(r.times_ms):7.1f} {max(r.times_ms):7.1f} "
+                     f"{r.images_per_s:7.2f} {r.memory_mib:7.1f} {r.detections:5d} {r.differing_images:6d} "
+                     f"{r.median_ms / eager[r.batch_size]:7.3f} {100.0 * r.post_share:6.1f} {r.setup_s:7.2f}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads < 1 or args.runs < 1:
+        raise ValueError(f"--threads and --runs must be at least 1, got {args.threads} and {args.runs}")
+    torch.set_num_threads(args.threads)
+    if args.keep_memory and not keep_freed_memory():
+        raise ValueError("--keep_memory needs glibc's mallopt (Linux)")
+    device = select_device(args.device)
+    batch_sizes = [args.batch_size] if args.batch_size is not None else (args.batch_sizes or [1])
+    if any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be at least 1, got {batch_sizes}")
+    project = load_project(args.project)
+    torch.manual_seed(args.seed)
+    base = build_model(args.compound_coef, project).eval().to(device)
+    size = args.input_size if args.input_size is not None else base.config.input_size
+    base.check_input_size(size, size)
+    if args.modes:
+        modes = [mode_name(m) for m in args.modes]
+    else:
+        modes = list(CUDA_MODES if device.type == "cuda" else CPU_MODES)
+        if not bf16_supported(device):
+            modes = [m for m in modes if "bf16" not in parse_mode(m)]
+    modes = ["eager"] + [m for m in dict.fromkeys(modes) if m != "eager"]  # the reference first
+    if args.weights:
+        load_weights(base, args.weights, strict_classes=True)
+        origin = f"weights {args.weights}"
+    else:
+        calibration = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(args.seed)).to(device)
+        calibrate_class_bias(base, calibration, args.threshold, args.candidates)
+        origin = f"random weights (seed {args.seed}), class bias set for ~{args.candidates} candidates"
+    onnx_dir = None
+    onnx_path = None
+    if args.onnx:
+        if device.type != "cpu":
+            raise ValueError("--onnx times the CPU execution provider: use --device cpu")
+        from utils.optimize import export_onnx
+
+        onnx_dir = tempfile.TemporaryDirectory()
+        onnx_path = str(Path(onnx_dir.name) / "model.onnx")
+        export_onnx(base, onnx_path, (size, size), dynamic_batch=True)
+        modes.append("onnx")
+    name = base.config.name
+    print(f"{name}, input {size}x{size}, {device}, {args.threads} threads, torch {torch.__version__}, "
+          f"{origin}{', mallopt keep memory' if args.keep_memory else ''}; {args.runs} timed runs per mode after one warm-up, post-processing included")
+    all_results: List[Result] = []
+    for batch_size in batch_sizes:
+        all_results += benchmark(base, modes, batch_size, size, device, args.runs, args.threshold,
+                                 args.iou_threshold, args.seed, args.threads, onnx_path)
+    print("\n".join(format_table(all_results)))
+    if len(batch_sizes) > 1:
+        first, last = min(batch_sizes), max(batch_sizes)
+        per_mode = {(r.mode, r.batch_size): r for r in all_results}
+        for mode in modes:
+            ratio = per_mode[(mode, last)].images_per_s / per_mode[(mode, first)].images_per_s
+            print(f"images/s batch {last} / batch {first}: {ratio:.2f} ({mode})")
+    if onnx_dir is not None:
+        onnx_dir.cleanup()
+    if args.json:
+        eager = {r.batch_size: r.median_ms for r in all_results if r.mode == "eager"}
+        payload = {"model": name, "input_size": size, "device": str(device), "threads": args.threads,
+                   "runs": args.runs, "weights": origin, "torch": torch.__version__,
+                   "results": [r.summary(eager.get(r.batch_size)) for r in all_results]}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

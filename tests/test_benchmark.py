@@ -1,0 +1,54 @@
+"""benchmark/benchmark.py: runs in-process, reports every mode against eager, emulates a confident model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from backbone import EfficientDetBackbone
+from benchmark import benchmark
+from utils.postprocess import Detections
+
+
+def test_benchmark_json_and_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = benchmark.main(benchmark.parse_args(["-c", "0", "--input_size", "128", "--runs", "2", "--batch_sizes", "1",
+                                              "2", "--modes", "eager", "fused+trace", "--json", str(out)]))
+    printed = capsys.readouterr().out
+    assert rc == 0
+    data = json.loads(out.read_text())
+    results = {(r["mode"], r["batch_size"]): r for r in data["results"]}
+    assert set(results) == {("eager", 1), ("fused+trace", 1), ("eager", 2), ("fused+trace", 2)}
+    for (mode, batch), r in results.items():
+        assert len(r["times_ms"]) == 2 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert 0 < r["post_share"] < 1
+        assert r["differing_images"] == 0  # fp32 modes: the same detections as eager
+        assert r["detections"] == results[("eager", batch)]["detections"]
+    assert results[("eager", 1)]["ratio_vs_eager"] == 1.0
+    assert "x eager" in printed and "images/s batch 2 / batch 1" in printed
+
+
+def test_calibrated_bias_gives_the_requested_candidates():
+    torch.manual_seed(0)
+    model = EfficientDetBackbone(num_classes=90, compound_coef=0).eval()
+    images = torch.randn(1, 3, 128, 128)
+    benchmark.calibrate_class_bias(model, images, threshold=0.2, candidates=7)
+    with torch.no_grad():
+        _, _, classification, _ = model(images)
+    assert int((classification > 0.2).sum()) == 7
+
+
+def test_same_detections():
+    a = Detections(np.zeros((1, 4), np.float32), np.array([3]), np.array([0.9], np.float32), ["x"])
+    b = Detections(np.full((1, 4), 5e-4, np.float32), np.array([3]), np.array([0.8], np.float32), ["x"])
+    assert benchmark.same_detections(a, b)
+    assert not benchmark.same_detections(a, Detections.empty())
+    b.class_ids = np.array([4])
+    assert not benchmark.same_detections(a, b)
+
+
+def test_unknown_mode_is_one_line_error(capsys):
+    rc = benchmark.main(benchmark.parse_args(["-c", "0", "--input_size", "128", "--modes", "warp"]))
+    err = capsys.readouterr().err
+    assert rc == 1 and "'warp'" in err and len(err.strip().splitlines()) == 1
