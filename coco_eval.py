@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -28,6 +27,7 @@ from utils.evaluation import (detections_to_coco, evaluate_coco, format_metrics,
                               metrics_to_json, run_detector_on_set)
 from utils.inference import Detector
 from utils.project import ProjectConfig, load_project
+from utils.cli import run_script
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -135,12 +135,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Evaluate; bad input gives one line on stderr and exit status 1."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        return evaluate(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"coco_eval.py: error: {exc}", file=sys.stderr)
-        return 1
+    return run_script(evaluate, args)
 
 
 if __name__ == "__main__":

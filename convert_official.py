@@ -38,6 +38,7 @@ from efficientdet.anchors import OFFICIAL_RATIOS
 from efficientdet.config import MODEL_CONFIGS, ModelConfig, get_model_config
 from utils.tf_checkpoint import TFCheckpointReader
 from utils.weights import atomic_save
+from utils.cli import run_script
 
 logger = logging.getLogger("convert_official")
 
@@ -337,19 +338,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        config = get_model_config(args.compound_coef)
-        reader = TFCheckpointReader(args.ckpt)
-        state_dict = convert(reader, args.compound_coef, args.num_classes, use_ema=not args.raw)
-        atomic_save(state_dict, Path(args.output))
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"convert_official.py: error: {exc}", file=sys.stderr)
-        return 1
+def run(args: argparse.Namespace) -> int:
+    config = get_model_config(args.compound_coef)
+    reader = TFCheckpointReader(args.ckpt)
+    state_dict = convert(reader, args.compound_coef, args.num_classes, use_ema=not args.raw)
+    atomic_save(state_dict, Path(args.output))
     logger.info("wrote %s (%s, %d classes); build the model with pool_padding='official' and the official "
                 "anchor ratios (projects/coco_official.yml)", args.output, config.name, args.num_classes)
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_script(run, args)
 
 
 if __name__ == "__main__":

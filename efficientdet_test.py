@@ -9,7 +9,6 @@ Without ``-w`` the published ``weights/efficientdet-d{c}.pth`` is used (download
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from utils.download import ensure_weights
 from utils.draw import draw_detections
 from utils.inference import Detections, Detector
 from utils.preprocess import list_images
+from utils.cli import run_script
 
 DEFAULT_IMAGE = "test/img.jpg"
 SPEED_TEST_RUNS = 10
@@ -106,12 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except (ValueError, OSError) as exc:  # FileNotFoundError, DownloadError (ConnectionError) are OSErrors
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_script(run, args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Frames are BGR like images read from files and use the same pre-processing (proj
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import cv2
 from utils.download import ensure_weights
 from utils.draw import draw_detections
 from utils.inference import Detector
+from utils.cli import run_script
 
 DEFAULT_FPS = 25.0
 
@@ -101,12 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except (ValueError, OSError) as exc:  # FileNotFoundError, DownloadError (ConnectionError) are OSErrors
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_script(run, args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from backbone import build_model
 from utils.optimize import ExportModule, export_onnx
 from utils.project import load_project
 from utils.weights import load_weights
+from utils.cli import run_script
 
 ONNX_TOLERANCE = 1e-4
 
@@ -112,12 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_script(run, args, log_level=logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from utils.training import (CHECKPOINT_FORMAT, ModelEMA, ResumableSampler, check
                             find_last_checkpoint, freeze_backbone_and_bifpn, is_training_checkpoint,
                             load_backbone_weights, warmup_cosine_lambda)
 from utils.weights import atomic_save, load_weights, read_checkpoint
+from utils.cli import run_script
 
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before the run stops
 DEBUG_DIR = Path("test")  # --debug images, as published
@@ -516,17 +517,16 @@ class Trainer:
         return False
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
-        trainer = Trainer(args)
-        code = trainer.run()
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return Trainer(args).run()
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return code
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_script(run, args)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from utils.optimize import InferenceModel, bf16_supported, mode_name, parse_mode
 from utils.postprocess import Detections, postprocess
 from utils.project import load_project
 from utils.weights import load_weights
+from utils.cli import run_script
 
 DEFAULT_RUNS = 10
 DEFAULT_THRESHOLD = 0.2
@@ -313,12 +314,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_script(run, args, log_level=logging.WARNING)
 
 
 if __name__ == "__main__":
