@@ -22,7 +22,7 @@ from utils.inference import Detections, Detector
 from utils.preprocess import list_images
 from utils.cli import run_script
 
-DEFAULT_IMAGE = "test/img.jpg"
+DEFAULT_IMAGE = str(Path(__file__).resolve().parent / "test" / "img.jpg")  # the sample shipped in the repo
 SPEED_TEST_RUNS = 10
 
 

@@ -39,7 +39,7 @@ from utils.optimize import InferenceModel, bf16_supported, mode_name, parse_mode
 from utils.postprocess import Detections, postprocess
 from utils.project import load_project
 from utils.weights import load_weights
-from utils.cli import run_script
+from utils.cli import keep_freed_memory, run_script
 
 DEFAULT_RUNS = 10
 DEFAULT_THRESHOLD = 0.2
@@ -122,25 +122,6 @@ def _rss_mib() -> float:
         pages = int(statm.read_text().split()[1])
         return pages * resource.getpagesize() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def keep_freed_memory() -> bool:
-    """glibc ``mallopt``: no ``mmap`` for large blocks, a 512 MiB top pad and no trimming, so that the
-    activations of one run reuse the pages of the previous one instead of being page-faulted in again
-    (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... MALLOC_TOP_PAD_=...`` in the environment does the same).
-    Returns False where glibc's mallopt is not available."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt"):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
-    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
-                and libc.mallopt(m_top_pad, 512 * 2 ** 20))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -314,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    return run_script(run, args, log_level=logging.WARNING)
+    return run_script(run, args, log_level=logging.WARNING, keep_memory=False)  # --keep_memory decides
 
 
 if __name__ == "__main__":
