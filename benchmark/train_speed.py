@@ -7,7 +7,9 @@ Variants, measured in the same run on the same synthetic batch:
 - ``baseline``: the starting point: every "same" conv padded with ``F.pad`` (as the published
   implementation does) and denormal floats left on;
 - ``+conv-padding``: stride-1 convs pad themselves (identical numbers, no extra copy);
-- ``current``: that plus ``torch.set_flush_denormal(True)`` (what ``train.py`` does).
+- ``+flush-denormal``: that plus ``torch.set_flush_denormal(True)``;
+- ``current``: that plus glibc keeping freed memory (``utils.cli.keep_freed_memory``), which is what
+  ``train.py`` runs with (process-wide, so it is measured last).
 
 Prints the median seconds per step after warm-up and each variant's ratio against ``baseline``.
 Without flushing, the two first variants are erratic: once AdamW's second moments and some
@@ -32,6 +34,7 @@ from backbone import EfficientDetBackbone  # noqa: E402
 from efficientdet.loss import FocalLoss  # noqa: E402
 from efficientnet.utils import Conv2dStaticSamePadding  # noqa: E402
 from train import ModelWithLoss  # noqa: E402
+from utils.cli import keep_freed_memory  # noqa: E402
 
 WARMUP = 3  # untimed steps per variant
 
@@ -41,7 +44,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("-c", "--compound_coef", type=int, default=0)
     p.add_argument("--input_size", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=12, help="timed steps per variant (after 3 warm-up steps)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 3 warm-up steps)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p.parse_args(argv)
@@ -82,11 +85,13 @@ def time_variant(args: argparse.Namespace, published_padding: bool, flush_denorm
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    variants = {"baseline": (True, False), "+conv-padding": (False, False), "current": (False, True)}
+    variants = {"baseline": (True, False), "+conv-padding": (False, False), "+flush-denormal": (False, True)}
     # One throw-away run first: the first steps of a process pay one-time costs (oneDNN kernels,
     # allocator growth) that would otherwise land on whichever variant runs first.
     time_variant(argparse.Namespace(**{**vars(args), "steps": 1}), False, True)
     results: Dict[str, float] = {name: time_variant(args, *flags) for name, flags in variants.items()}
+    kept = keep_freed_memory()
+    results["current" if kept else "current (no glibc: memory not kept)"] = time_variant(args, False, True)
     torch.set_flush_denormal(False)
     base = results["baseline"]
     if args.json:

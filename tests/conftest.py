@@ -25,6 +25,16 @@ def _shared_path(*parts: str) -> Path:
     return path
 
 
+def project_yaml(project_name: str, obj_list, train_set: str = "train", val_set: str = "val") -> str:
+    """A project YAML in the published format (published anchors, ImageNet mean/std)."""
+    names = ", ".join(repr(str(n)) for n in obj_list)
+    return (f"project_name: {project_name}\ntrain_set: {train_set}\nval_set: {val_set}\nnum_gpus: 1\n"
+            "mean: [0.485, 0.456, 0.406]\nstd: [0.229, 0.224, 0.225]\n"
+            "anchors_scales: '[2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0)]'\n"
+            "anchors_ratios: '[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]'\n"
+            f"obj_list: [{names}]\n")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """``../shared`` (skip where absent, fail under CI=true)."""

@@ -15,19 +15,10 @@ import torch  # noqa: E402
 import coco_eval  # noqa: E402
 from backbone import EfficientDetBackbone  # noqa: E402
 from utils.evaluation import STAT_NAMES  # noqa: E402
+from tests.conftest import project_yaml  # noqa: E402
 
 NUM_IMAGES = 3
-PROJECT_YAML = """\
-project_name: shape
-train_set: train
-val_set: val
-num_gpus: 1
-mean: [0.485, 0.456, 0.406]
-std: [0.229, 0.224, 0.225]
-anchors_scales: '[2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0)]'
-anchors_ratios: '[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]'
-obj_list: ['rectangle', 'circle']
-"""
+PROJECT_YAML = project_yaml("shape", ["rectangle", "circle"])
 
 
 def make_checkpoint(path: Path, num_classes: int = 2) -> Path:

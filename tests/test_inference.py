@@ -19,6 +19,7 @@ from utils.preprocess import read_image, resized_shape
 from utils.project import load_project
 
 from tests.test_nms import reference_nms
+from tests.conftest import project_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 OBJ_LIST = ["person", "car", "dog"]
@@ -26,16 +27,7 @@ CAR = 1
 CAR_LOGIT = 2.0
 SIZE = 128  # D0's smallest input: 341 positions per anchor type
 
-PROJECT_YAML = """project_name: tiny
-train_set: train
-val_set: val
-num_gpus: 1
-mean: [0.485, 0.456, 0.406]
-std: [0.229, 0.224, 0.225]
-anchors_scales: '[2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0)]'
-anchors_ratios: '[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]'
-obj_list: ['person', 'car', 'dog']
-"""
+PROJECT_YAML = project_yaml("tiny", OBJ_LIST)
 
 
 def crafted_model(num_classes: int = 3) -> EfficientDetBackbone:

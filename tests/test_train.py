@@ -16,23 +16,14 @@ import pytest
 import torch
 
 import train
-from tests.conftest import REPO
+from tests.conftest import REPO, project_yaml
 
 # Two layouts of large shapes (category, (x1, y1, x2, y2)) in a 128 x 128 image.
 LAYOUTS = [
     [(1, (10, 12, 60, 50)), (2, (70, 60, 118, 108))],
     [(2, (20, 60, 84, 124)), (1, (64, 8, 120, 48))],
 ]
-PROJECT_YAML = """project_name: tiny
-train_set: train
-val_set: val
-num_gpus: 1
-mean: [0.485, 0.456, 0.406]
-std: [0.229, 0.224, 0.225]
-anchors_scales: '[2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0)]'
-anchors_ratios: '[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]'
-obj_list: ['rectangle', 'circle']
-"""
+PROJECT_YAML = project_yaml("tiny", ["rectangle", "circle"])
 
 
 def write_tiny_project(root: Path, num_train: int = 2, num_val: int = 2, size: int = 128) -> Path:
