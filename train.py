@@ -19,7 +19,7 @@ import os
 import random
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -139,7 +139,6 @@ class RunState:
     best_epoch: int = -1
     bad_steps: int = 0
     skipped_steps: int = 0
-    history: List[Dict[str, float]] = field(default_factory=list)
 
 
 class Interrupted(Exception):
