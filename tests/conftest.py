@@ -73,3 +73,17 @@ def d0_model(d0_weights):
     model = EfficientDetBackbone(num_classes=90, compound_coef=0).eval()
     model.load_state_dict(d0_weights, strict=True)
     return model
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(conformance_dir) -> Path:
+    """The official-format D0 TensorFlow checkpoint bundle (``conformance/official_d0_ckpt``)."""
+    return conformance_dir / "official_d0_ckpt"
+
+
+@pytest.fixture(scope="session")
+def reader(bundle_dir):
+    """A :class:`utils.tf_checkpoint.TFCheckpointReader` of that bundle."""
+    from utils.tf_checkpoint import TFCheckpointReader
+
+    return TFCheckpointReader(bundle_dir)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -14,10 +13,8 @@ from convert_official import (OFFICIAL_RATIOS, bifpn_nodes, build_model, checkpo
                               official_mappings)
 from efficientdet.config import get_model_config
 from utils.project import load_project
-from utils.tf_checkpoint import TFCheckpointReader
 from utils.weights import load_weights
 
-BUNDLE = "official_d0_ckpt"
 EMA = "/ExponentialMovingAverage"
 
 
@@ -39,16 +36,6 @@ class DictReader:
 
     def read(self, name: str) -> np.ndarray:
         return self.tensors[name]
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(conformance_dir) -> Path:
-    return conformance_dir / BUNDLE
-
-
-@pytest.fixture(scope="module")
-def reader(bundle_dir) -> TFCheckpointReader:
-    return TFCheckpointReader(bundle_dir)
 
 
 @pytest.fixture(scope="module")

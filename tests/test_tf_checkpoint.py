@@ -13,7 +13,6 @@ import pytest
 from utils.tf_checkpoint import (TABLE_MAGIC, TFCheckpointReader, _raw_crc_python, crc32c, mask_crc,
                                  parse_protobuf, resolve_prefix)
 
-BUNDLE = "official_d0_ckpt"
 PROBE = "resample_p6/conv2d/kernel"  # 1x1x320x64 float32, large enough for the vectorised crc path
 
 
@@ -128,16 +127,6 @@ def test_parse_protobuf_fields():
 
 
 # ---------------------------------------------------------------------------------- the shared bundle
-
-@pytest.fixture(scope="module")
-def bundle_dir(conformance_dir) -> Path:
-    return conformance_dir / BUNDLE
-
-
-@pytest.fixture(scope="module")
-def reader(bundle_dir) -> TFCheckpointReader:
-    return TFCheckpointReader(bundle_dir)
-
 
 def test_reads_every_tensor_with_the_listed_shape_and_dtype(reader):
     tensors = reader.read_all()
