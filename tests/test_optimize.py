@@ -150,3 +150,61 @@ def test_detector_mode_gives_eager_detections(d0_model, eager_outputs):
         np.testing.assert_allclose(got.boxes, want.boxes, atol=BOX_ATOL, rtol=0)
     with pytest.raises(ValueError, match="'warp'"):
         Detector(copy.deepcopy(d0_model), project, input_size=(256, 384), device="cpu", mode="warp")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inference-only layers of the "fused" mode
+# ---------------------------------------------------------------------------------------------------------
+import torch.nn.functional as F  # noqa: E402
+
+from efficientnet.utils import Conv2dStaticSamePadding  # noqa: E402
+from utils.optimize import InferenceConv2d, specialize_for_inference  # noqa: E402
+
+
+@pytest.mark.parametrize("fuse_onednn", [True, False])
+@pytest.mark.parametrize("kernel,stride", [(1, 1), (3, 1), (3, 2), (5, 2), (1, 2)])
+def test_inference_conv_equals_same_padding_conv(kernel, stride, fuse_onednn):
+    torch.manual_seed(kernel * 10 + stride)
+    wrapper = Conv2dStaticSamePadding(6, 6, kernel, stride=stride, groups=3).eval()
+    layer = InferenceConv2d(wrapper, activation=True, fuse_onednn=fuse_onednn).eval()
+    plain = InferenceConv2d(wrapper, activation=False, fuse_onednn=fuse_onednn).eval()
+    # Every parity combination of the sides: the shifted-kernel variants must reproduce F.pad's asymmetric zeros.
+    for height, width in [(8, 8), (9, 9), (8, 11), (13, 10), (2, 3)]:
+        x = torch.randn(2, 6, height, width)
+        with torch.no_grad():
+            expected = wrapper(x)
+            assert plain(x).shape == expected.shape
+            np.testing.assert_allclose(plain(x).numpy(), expected.numpy(), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(layer(x).numpy(), F.silu(expected).numpy(), atol=1e-5, rtol=0)
+    weights = sorted(name for name, _ in layer.named_buffers() if name.startswith("weight"))
+    # Stride 1 (and 1x1 kernels) never need a shifted kernel: one copy of the weights.
+    assert weights == (["weight_00", "weight_01", "weight_10", "weight_11"]
+                       if stride == 2 and kernel > 1 else ["weight_00"])
+
+
+def test_inference_conv_rejects_what_it_cannot_reproduce():
+    with pytest.raises(ValueError, match="stride"):
+        InferenceConv2d(Conv2dStaticSamePadding(4, 4, 3, stride=3))
+    with pytest.raises(ValueError, match="kernel"):
+        InferenceConv2d(Conv2dStaticSamePadding(4, 4, 2, stride=2))
+
+
+def test_specialized_model_keeps_its_input_and_repeats_itself(d0_model, d0_vectors):
+    """The specialised network works in place on its temporaries only: the input and repeated calls are
+    unaffected, and no BatchNorm or padding copy is left in the backbone."""
+    network = specialize_for_inference(d0_model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
+    assert not any(isinstance(m, Conv2dStaticSamePadding) and m._needs_pad
+                   for m in network.backbone_net.modules())
+    x = torch.from_numpy(d0_vectors["input"]).clone()
+    before = x.clone()
+    with torch.no_grad():
+        first = network(x)
+        second = network(x)
+    assert torch.equal(x, before)
+    for a, b in zip(first[1:3], second[1:3]):
+        assert torch.equal(a, b)
+    np.testing.assert_allclose(first[2].numpy(), d0_vectors["classification"], atol=OUTPUT_ATOL, rtol=0)
+    np.testing.assert_allclose(first[1].numpy(), d0_vectors["regression"], atol=OUTPUT_ATOL, rtol=0)
+    for level, got in zip(range(3, 8), first[0]):
+        np.testing.assert_allclose(got.numpy(), d0_vectors[f"bifpn_p{level}"], atol=OUTPUT_ATOL, rtol=0)

@@ -23,16 +23,18 @@ to compile D0 and ran slower than the frozen trace.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import warnings
 from collections import OrderedDict
-from typing import Dict, FrozenSet, Optional, Sequence, Tuple, Union
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efficientdet.model import Head, SeparableConvBlock
-from efficientnet.utils import Conv2dStaticSamePadding
+from efficientnet.utils import Conv2dStaticSamePadding, same_padding
 
 logger = logging.getLogger(__name__)
 
@@ -89,20 +91,37 @@ class FoldedHead(nn.Module):
         self.levels = nn.ModuleList(levels)
         self.header = copy.deepcopy(head.header)
         self.swish = copy.deepcopy(head.swish)
+        # Inference only (set by specialize_for_inference): the sigmoid writes each level's probabilities
+        # straight into the output instead of concatenating logits first (one pass over the largest output).
+        self.sigmoid_into_output = False
 
-    def forward_raw(self, inputs: Sequence[Tensor]) -> Tensor:
-        """inputs: per-level Tensor[B, C, H_l, W_l] -> Tensor[B, N, num_outputs] before activation."""
+    def level_outputs(self, inputs: Sequence[Tensor]) -> List[Tensor]:
+        """inputs: per-level Tensor[B, C, H_l, W_l] -> per level Tensor[B, N_l, num_outputs] before activation."""
         outs = []
         for feat, convs in zip(inputs, self.levels):
             for conv in convs:
                 feat = self.swish(conv(feat))
             feat = self.header(feat)
             outs.append(feat.permute(0, 2, 3, 1).reshape(feat.shape[0], -1, self.num_outputs))
-        return torch.cat(outs, dim=1)
+        return outs
+
+    def forward_raw(self, inputs: Sequence[Tensor]) -> Tensor:
+        """inputs: per-level Tensor[B, C, H_l, W_l] -> Tensor[B, N, num_outputs] before activation."""
+        return torch.cat(self.level_outputs(inputs), dim=1)
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
-        out = self.forward_raw(inputs)
-        return out.sigmoid() if self.apply_sigmoid else out
+        if not self.apply_sigmoid:
+            return self.forward_raw(inputs)
+        if not self.sigmoid_into_output:
+            return self.forward_raw(inputs).sigmoid()
+        levels = self.level_outputs(inputs)
+        out = levels[0].new_empty((levels[0].shape[0], sum(int(x.shape[1]) for x in levels), self.num_outputs))
+        start = 0
+        for logits in levels:
+            end = start + int(logits.shape[1])
+            torch.sigmoid(logits, out=out[:, start:end])
+            start = end
+        return out
 
 
 @torch.no_grad()
@@ -136,6 +155,168 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     remaining = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     if remaining:
         raise RuntimeError(f"BatchNorm left unfolded: {remaining[:3]}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inference-only layers (the "fused" mode): BN folded, no padding copies, activations fused or in place
+# ---------------------------------------------------------------------------------------------------------
+# mkldnn::_convolution_pointwise takes a ``Scalar?[]`` that torch.jit.trace cannot record; a TorchScript
+# function (compiled once, on first use) hides the argument from the tracer.
+_CONV_POINTWISE_SOURCE = """
+def conv_pointwise(x: Tensor, weight: Tensor, bias: Tensor, padding: List[int], stride: List[int], groups: int,
+                   attr: str) -> Tensor:
+    scalars: List[Optional[number]] = []
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, [1, 1], groups, attr, scalars, "")
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_pointwise():
+    """``conv_pointwise(x, weight, bias, padding, stride, groups, attr)``: oneDNN convolution with the unary
+    post-op ``attr`` ("swish" or "none")."""
+    return torch.jit.CompilationUnit(_CONV_POINTWISE_SOURCE).conv_pointwise
+
+
+def _onednn_swish_available(device: torch.device) -> bool:
+    """Whether oneDNN can apply swish inside the convolution (``mkldnn::_convolution_pointwise``, the op
+    that torch.compile's CPU backend uses): CPU builds with oneDNN."""
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+class InferenceConv2d(nn.Module):
+    """A folded convolution (bias included) with TensorFlow "SAME" padding, optionally followed by swish,
+    for inference.
+
+    - No padding copy: where "SAME" padding of an input side is symmetric the convolution pads itself;
+      where it puts one more zero at the end than at the start (stride 2, odd kernel ``k >= 3``, even
+      side), the same sums come from a kernel of ``k + 1`` whose first row (column) is zero and symmetric
+      padding. The weight variant for each (row, column) parity is precomputed; the zero taps add exact
+      zeros, so outputs equal :class:`Conv2dStaticSamePadding` up to summation order.
+    - ``activation=True``: swish follows. On CPU oneDNN applies it inside the convolution (one pass over
+      the output; in bfloat16 it is computed in float32 registers); elsewhere it runs in place.
+
+    Args:
+        wrapper: the (BN-folded) convolution; odd kernels, stride 1 or 2, no dilation.
+        activation: apply swish.
+        fuse_onednn: use oneDNN's fused convolution (default: where available, see
+            :func:`_onednn_swish_available`); False forces ``F.conv2d`` (+ in-place swish).
+    """
+
+    def __init__(self, wrapper: Conv2dStaticSamePadding, activation: bool = False,
+                 fuse_onednn: Optional[bool] = None) -> None:
+        super().__init__()
+        conv = wrapper.conv
+        if conv.dilation != (1, 1) or any(k % 2 == 0 for k in conv.kernel_size) or not set(conv.stride) <= {1, 2}:
+            raise ValueError(f"InferenceConv2d takes odd kernels, strides 1 or 2 and no dilation, got kernel "
+                             f"{conv.kernel_size} stride {conv.stride} dilation {conv.dilation}")
+        self.stride = tuple(conv.stride)
+        self.groups = conv.groups
+        self.activation = activation
+        self._fuse_request = fuse_onednn
+        weight = conv.weight.detach().clone()
+        bias = conv.bias.detach().clone() if conv.bias is not None else weight.new_zeros(conv.out_channels)
+        self.register_buffer("bias", bias)
+        # Per (row, column) parity of the input (1 = even): the weight buffer ("weight_{row shift}{column shift}",
+        # each distinct variant stored once) and the symmetric conv padding.
+        self.variants: Dict[Tuple[int, int], Tuple[str, Tuple[int, int]]] = {}
+        for row_even in (0, 1):
+            for col_even in (0, 1):
+                shifts, padding = [], []
+                for k, s, even in zip(conv.kernel_size, self.stride, (row_even, col_even)):
+                    size = 2 * k + 2 if even else 2 * k + 1  # "SAME" padding depends on the side's parity only
+                    before, after = same_padding((size, size), (k, k), (s, s))[2:]
+                    if after - before not in (0, 1):
+                        raise ValueError(f"unexpected SAME padding ({before}, {after}) for kernel {k} stride {s}")
+                    shifts.append(after - before)
+                    padding.append(after)
+                name = f"weight_{shifts[0]}{shifts[1]}"
+                if not hasattr(self, name):
+                    self.register_buffer(name, F.pad(weight, (shifts[1], 0, shifts[0], 0)))
+                self.variants[(row_even, col_even)] = (name, (padding[0], padding[1]))
+        self.fuse_onednn = self._decide_fusion()
+
+    def _decide_fusion(self) -> bool:
+        available = _onednn_swish_available(self.bias.device)
+        return available if self._fuse_request is None else bool(self._fuse_request) and available
+
+    def _apply(self, fn, recurse=True):  # a device move re-decides the oneDNN path
+        module = super()._apply(fn, recurse)
+        self.fuse_onednn = self._decide_fusion()
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: Tensor[B, C_in, H, W] -> Tensor[B, C_out, ceil(H / s), ceil(W / s)]."""
+        name, padding = self.variants[(int(x.shape[-2] % 2 == 0), int(x.shape[-1] % 2 == 0))]
+        weight = getattr(self, name)
+        if self.fuse_onednn:
+            return _conv_pointwise()(x, weight, self.bias, list(padding), list(self.stride), self.groups,
+                                     "swish" if self.activation else "none")
+        y = F.conv2d(x, weight, self.bias, self.stride, padding, 1, self.groups)
+        return F.silu(y, inplace=True) if self.activation else y
+
+
+class InplaceSwish(nn.Module):
+    """Swish that overwrites its input: for inference graphs where the input is a fresh temporary."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.silu(x, inplace=True)
+
+
+def _linear_from_conv(wrapper: Conv2dStaticSamePadding) -> nn.Linear:
+    """The 1×1 convolution of a squeeze-excitation (applied to a 1×1 map) as a Linear layer."""
+    conv = wrapper.conv
+    linear = nn.Linear(conv.in_channels, conv.out_channels).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.flatten(1))
+        linear.bias.copy_(conv.bias)
+    return linear
+
+
+class InferenceMBConvBlock(nn.Module):
+    """An MBConvBlock with BN folded (see :func:`fold_batchnorm`) for inference: swish fused into the expand and
+    depthwise convs, squeeze-excitation as Linear layers scaling in place, the residual added in place."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.expand = InferenceConv2d(block._expand_conv, activation=True) if block.has_expansion else None
+        self.depthwise = InferenceConv2d(block._depthwise_conv, activation=True)
+        self.se_reduce = _linear_from_conv(block._se_reduce)
+        self.se_expand = _linear_from_conv(block._se_expand)
+        self.project = InferenceConv2d(block._project_conv)
+        self.has_residual = block.has_residual
+
+    def forward(self, inputs: Tensor, drop_connect_rate: float = 0.0) -> Tensor:
+        """inputs: Tensor[B, C_in, H, W] -> Tensor[B, C_out, H / stride, W / stride]."""
+        x = self.expand(inputs) if self.expand is not None else inputs
+        x = self.depthwise(x)
+        scale = torch.sigmoid(self.se_expand(F.silu(self.se_reduce(x.mean(dim=(2, 3))), inplace=True)))
+        x = self.project(x.mul_(scale[:, :, None, None]))
+        return x.add_(inputs) if self.has_residual else x
+
+
+@torch.no_grad()
+def specialize_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of an :class:`EfficientDetBackbone` for inference only (the ``fused`` mode): BatchNorm folded
+    (:func:`fold_batchnorm`), backbone convolutions as :class:`InferenceConv2d` (stride 2 without padding
+    copies, swish fused by oneDNN on CPU), squeeze-excitation as Linear layers, in-place activations, and
+    the heads' per-level convs fused with their swish. Same outputs as the model up to float round-off."""
+    model = fold_batchnorm(model)
+    net = model.backbone_net.model
+    net._conv_stem = InferenceConv2d(net._conv_stem, activation=True)
+    net._swish = nn.Identity()  # the stem's swish is inside _conv_stem now
+    net._blocks = nn.ModuleList([InferenceMBConvBlock(block) for block in net._blocks])
+    for head in (model.regressor, model.classifier):
+        for convs in head.levels:
+            for block in convs:
+                block.pointwise_conv = InferenceConv2d(block.pointwise_conv, activation=True)
+        head.swish = nn.Identity()  # inside each level's pointwise conv now
+        head.sigmoid_into_output = True
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if type(child).__name__ == "Swish":
+                setattr(module, name, InplaceSwish())
     return model
 
 
@@ -226,7 +407,7 @@ class InferenceModel:
         model.eval()
         self.anchors = model.anchors
         if "fused" in self.components:
-            network = fold_batchnorm(model.to(device=self.device, dtype=torch.float32))
+            network = specialize_for_inference(model.to(device=self.device, dtype=torch.float32))
         else:
             network = model
         self.network = network.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format).eval()
