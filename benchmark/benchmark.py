@@ -170,6 +170,9 @@ def _onnx_session(path: Optional[str], threads: int):
         raise ValueError(f"--onnx needs onnxruntime (pip install -r requirements-dev.txt): {exc}") from None
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
+    # ONNX Runtime's worker threads spin after each run by default, taking the cores from the PyTorch mode
+    # timed next (it made eager ~40 % slower in interleaved runs): no spinning, so that the ratios stay fair.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.inter_op_num_threads = 1
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 

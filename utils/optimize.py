@@ -8,7 +8,10 @@ inference only: folded models cannot be trained or saved as published checkpoint
 A mode is a ``+``-joined set of components (order does not matter)::
 
     eager           plain float32 model (the reference; no component)
-    fused           every BatchNorm folded into the conv before it (:func:`fold_batchnorm`)
+    fused           the network specialised for inference (:func:`specialize_for_inference`): every
+                    BatchNorm folded into the conv before it (:func:`fold_batchnorm`), stride-2 convs
+                    without padding copies, swish fused into the convs (oneDNN on CPU) or in place,
+                    squeeze-excitation as Linear layers, the class sigmoid written into the output
     channels_last   weights and activations in NHWC memory format (oneDNN's preferred layout on CPU)
     trace           torch.jit.trace + torch.jit.freeze per input shape (B, H, W); the frozen graph
                     returns (regression, classification), anchors come from the model's cached Anchors
@@ -17,8 +20,8 @@ A mode is a ``+``-joined set of components (order does not matter)::
 
 e.g. ``fused+channels_last+trace``. Aliases: ``eager`` (no component) and ``fastest``
 (:data:`FASTEST`: the fastest float32 combination measured, same detections as ``eager``; see
-``benchmark/README.md``). ``torch.compile`` is not offered: on the 2-core reference CPU it took 76 s
-to compile D0 and ran slower than the frozen trace.
+``benchmark/README.md``). ``torch.compile`` is not offered: on the 2-core reference CPU it took 25–76 s
+to compile D0 (inductor, freezing) and then ran no faster than the frozen trace of the fused network.
 """
 from __future__ import annotations
 
