@@ -208,3 +208,15 @@ def test_specialized_model_keeps_its_input_and_repeats_itself(d0_model, d0_vecto
     np.testing.assert_allclose(first[1].numpy(), d0_vectors["regression"], atol=OUTPUT_ATOL, rtol=0)
     for level, got in zip(range(3, 8), first[0]):
         np.testing.assert_allclose(got.numpy(), d0_vectors[f"bifpn_p{level}"], atol=OUTPUT_ATOL, rtol=0)
+
+
+def test_spatial_mean_of_reduced_precision_channels_last():
+    from utils.optimize import _spatial_mean
+
+    x = torch.randn(2, 24, 12, 20).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(_spatial_mean(x), x.mean(dim=(2, 3)))
+    low = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    got = _spatial_mean(low)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 24)
+    # One bf16 rounding of the float32-accumulated sum, like bf16 mean itself.
+    np.testing.assert_allclose(got.float().numpy(), low.float().mean(dim=(2, 3)).numpy(), atol=1e-2, rtol=1e-2)
