@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efficientdet.model import Head, SeparableConvBlock
-from efficientnet.utils import Conv2dStaticSamePadding, same_padding
+from efficientnet.utils import Conv2dStaticSamePadding, Swish, same_padding
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ def specialize_for_inference(model: nn.Module) -> nn.Module:
         head.sigmoid_into_output = True
     for module in model.modules():
         for name, child in list(module.named_children()):
-            if type(child).__name__ == "Swish":
+            if isinstance(child, Swish):
                 setattr(module, name, InplaceSwish())
     return model
 
