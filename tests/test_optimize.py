@@ -93,8 +93,9 @@ def test_fp32_modes_match_eager(mode, d0_model, eager_outputs):
     if "fused" in runner.components:
         assert not any(isinstance(m, nn.BatchNorm2d) for m in runner.network.modules())
     if "channels_last" in runner.components:
-        conv = next(m for m in runner.network.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
-        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        tensors = list(runner.network.parameters()) + list(runner.network.buffers())
+        weights = [t for t in tensors if t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1]  # layouts differ
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
 
 
 def test_trace_graph_per_input_shape(d0_model, d0_vectors):
@@ -166,8 +167,9 @@ from utils.optimize import InferenceConv2d, specialize_for_inference  # noqa: E4
 def test_inference_conv_equals_same_padding_conv(kernel, stride, fuse_onednn):
     torch.manual_seed(kernel * 10 + stride)
     wrapper = Conv2dStaticSamePadding(6, 6, kernel, stride=stride, groups=3).eval()
-    layer = InferenceConv2d(wrapper, activation=True, fuse_onednn=fuse_onednn).eval()
-    plain = InferenceConv2d(wrapper, activation=False, fuse_onednn=fuse_onednn).eval()
+    layer = InferenceConv2d(wrapper, "swish", fuse_onednn=fuse_onednn).eval()
+    plain = InferenceConv2d(wrapper, None, fuse_onednn=fuse_onednn).eval()
+    sigmoid = InferenceConv2d(wrapper, "sigmoid", fuse_onednn=fuse_onednn).eval()
     # Every parity combination of the sides: the shifted-kernel variants must reproduce F.pad's asymmetric zeros.
     for height, width in [(8, 8), (9, 9), (8, 11), (13, 10), (2, 3)]:
         x = torch.randn(2, 6, height, width)
@@ -176,6 +178,7 @@ def test_inference_conv_equals_same_padding_conv(kernel, stride, fuse_onednn):
             assert plain(x).shape == expected.shape
             np.testing.assert_allclose(plain(x).numpy(), expected.numpy(), atol=1e-5, rtol=0)
             np.testing.assert_allclose(layer(x).numpy(), F.silu(expected).numpy(), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(sigmoid(x).numpy(), torch.sigmoid(expected).numpy(), atol=1e-6, rtol=0)
     weights = sorted(name for name, _ in layer.named_buffers() if name.startswith("weight"))
     # Stride 1 (and 1x1 kernels) never need a shifted kernel: one copy of the weights.
     assert weights == (["weight_00", "weight_01", "weight_10", "weight_11"]
@@ -187,6 +190,8 @@ def test_inference_conv_rejects_what_it_cannot_reproduce():
         InferenceConv2d(Conv2dStaticSamePadding(4, 4, 3, stride=3))
     with pytest.raises(ValueError, match="kernel"):
         InferenceConv2d(Conv2dStaticSamePadding(4, 4, 2, stride=2))
+    with pytest.raises(ValueError, match="'relu'"):
+        InferenceConv2d(Conv2dStaticSamePadding(4, 4, 3), "relu")
 
 
 def test_specialized_model_keeps_its_input_and_repeats_itself(d0_model, d0_vectors):

@@ -11,7 +11,7 @@ A mode is a ``+``-joined set of components (order does not matter)::
     fused           the network specialised for inference (:func:`specialize_for_inference`): every
                     BatchNorm folded into the conv before it (:func:`fold_batchnorm`), stride-2 convs
                     without padding copies, swish fused into the convs (oneDNN on CPU) or in place,
-                    squeeze-excitation as Linear layers, the class sigmoid written into the output
+                    squeeze-excitation as Linear layers, the class sigmoid fused into the output conv
     channels_last   weights and activations in NHWC memory format (oneDNN's preferred layout on CPU)
     trace           torch.jit.trace + torch.jit.freeze per input shape (B, H, W); the frozen graph
                     returns (regression, classification), anchors come from the model's cached Anchors
@@ -30,7 +30,7 @@ import functools
 import logging
 import warnings
 from collections import OrderedDict
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
+from typing import Dict, FrozenSet, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -94,37 +94,20 @@ class FoldedHead(nn.Module):
         self.levels = nn.ModuleList(levels)
         self.header = copy.deepcopy(head.header)
         self.swish = copy.deepcopy(head.swish)
-        # Inference only (set by specialize_for_inference): the sigmoid writes each level's probabilities
-        # straight into the output instead of concatenating logits first (one pass over the largest output).
-        self.sigmoid_into_output = False
 
-    def level_outputs(self, inputs: Sequence[Tensor]) -> List[Tensor]:
-        """inputs: per-level Tensor[B, C, H_l, W_l] -> per level Tensor[B, N_l, num_outputs] before activation."""
+    def forward_raw(self, inputs: Sequence[Tensor]) -> Tensor:
+        """inputs: per-level Tensor[B, C, H_l, W_l] -> Tensor[B, N, num_outputs] before activation."""
         outs = []
         for feat, convs in zip(inputs, self.levels):
             for conv in convs:
                 feat = self.swish(conv(feat))
             feat = self.header(feat)
             outs.append(feat.permute(0, 2, 3, 1).reshape(feat.shape[0], -1, self.num_outputs))
-        return outs
-
-    def forward_raw(self, inputs: Sequence[Tensor]) -> Tensor:
-        """inputs: per-level Tensor[B, C, H_l, W_l] -> Tensor[B, N, num_outputs] before activation."""
-        return torch.cat(self.level_outputs(inputs), dim=1)
+        return torch.cat(outs, dim=1)
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
-        if not self.apply_sigmoid:
-            return self.forward_raw(inputs)
-        if not self.sigmoid_into_output:
-            return self.forward_raw(inputs).sigmoid()
-        levels = self.level_outputs(inputs)
-        out = levels[0].new_empty((levels[0].shape[0], sum(int(x.shape[1]) for x in levels), self.num_outputs))
-        start = 0
-        for logits in levels:
-            end = start + int(logits.shape[1])
-            torch.sigmoid(logits, out=out[:, start:end])
-            start = end
-        return out
+        out = self.forward_raw(inputs)
+        return out.sigmoid() if self.apply_sigmoid else out
 
 
 @torch.no_grad()
@@ -177,7 +160,7 @@ def conv_pointwise(x: Tensor, weight: Tensor, bias: Tensor, padding: List[int], 
 @functools.lru_cache(maxsize=None)
 def _conv_pointwise():
     """``conv_pointwise(x, weight, bias, padding, stride, groups, attr)``: oneDNN convolution with the unary
-    post-op ``attr`` ("swish" or "none")."""
+    post-op ``attr`` ("swish", "sigmoid" or "none")."""
     return torch.jit.CompilationUnit(_CONV_POINTWISE_SOURCE).conv_pointwise
 
 
@@ -188,29 +171,36 @@ def _onednn_swish_available(device: torch.device) -> bool:
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
 
+# In-place activations of InferenceConv2d without oneDNN (the names are oneDNN's post-op attributes).
+_ACTIVATIONS = {None: lambda y: y, "swish": lambda y: F.silu(y, inplace=True), "sigmoid": torch.sigmoid_}
+
+
 class InferenceConv2d(nn.Module):
-    """A folded convolution (bias included) with TensorFlow "SAME" padding, optionally followed by swish,
-    for inference.
+    """A folded convolution (bias included) with TensorFlow "SAME" padding, optionally followed by swish or
+    sigmoid, for inference.
 
     - No padding copy: where "SAME" padding of an input side is symmetric the convolution pads itself;
       where it puts one more zero at the end than at the start (stride 2, odd kernel ``k >= 3``, even
       side), the same sums come from a kernel of ``k + 1`` whose first row (column) is zero and symmetric
       padding. The weight variant for each (row, column) parity is precomputed; the zero taps add exact
       zeros, so outputs equal :class:`Conv2dStaticSamePadding` up to summation order.
-    - ``activation=True``: swish follows. On CPU oneDNN applies it inside the convolution (one pass over
-      the output; in bfloat16 it is computed in float32 registers); elsewhere it runs in place.
+    - ``activation``: ``"swish"`` or ``"sigmoid"`` follows. On CPU oneDNN applies it inside the
+      convolution (no second pass over the output; in bfloat16 it is computed in float32 registers);
+      elsewhere it runs in place.
 
     Args:
         wrapper: the (BN-folded) convolution; odd kernels, stride 1 or 2, no dilation.
-        activation: apply swish.
+        activation: None, ``"swish"`` or ``"sigmoid"``.
         fuse_onednn: use oneDNN's fused convolution (default: where available, see
             :func:`_onednn_swish_available`); False forces ``F.conv2d`` (+ in-place swish).
     """
 
-    def __init__(self, wrapper: Conv2dStaticSamePadding, activation: bool = False,
+    def __init__(self, wrapper: Conv2dStaticSamePadding, activation: Optional[str] = None,
                  fuse_onednn: Optional[bool] = None) -> None:
         super().__init__()
         conv = wrapper.conv
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS, key=str)}, got {activation!r}")
         if conv.dilation != (1, 1) or any(k % 2 == 0 for k in conv.kernel_size) or not set(conv.stride) <= {1, 2}:
             raise ValueError(f"InferenceConv2d takes odd kernels, strides 1 or 2 and no dilation, got kernel "
                              f"{conv.kernel_size} stride {conv.stride} dilation {conv.dilation}")
@@ -255,9 +245,9 @@ class InferenceConv2d(nn.Module):
         weight = getattr(self, name)
         if self.fuse_onednn:
             return _conv_pointwise()(x, weight, self.bias, list(padding), list(self.stride), self.groups,
-                                     "swish" if self.activation else "none")
+                                     self.activation or "none")
         y = F.conv2d(x, weight, self.bias, self.stride, padding, 1, self.groups)
-        return F.silu(y, inplace=True) if self.activation else y
+        return _ACTIVATIONS[self.activation](y)
 
 
 class InplaceSwish(nn.Module):
@@ -297,8 +287,8 @@ class InferenceMBConvBlock(nn.Module):
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
-        self.expand = InferenceConv2d(block._expand_conv, activation=True) if block.has_expansion else None
-        self.depthwise = InferenceConv2d(block._depthwise_conv, activation=True)
+        self.expand = InferenceConv2d(block._expand_conv, "swish") if block.has_expansion else None
+        self.depthwise = InferenceConv2d(block._depthwise_conv, "swish")
         self.se_reduce = _linear_from_conv(block._se_reduce)
         self.se_expand = _linear_from_conv(block._se_expand)
         self.project = InferenceConv2d(block._project_conv)
@@ -316,20 +306,23 @@ class InferenceMBConvBlock(nn.Module):
 @torch.no_grad()
 def specialize_for_inference(model: nn.Module) -> nn.Module:
     """A copy of an :class:`EfficientDetBackbone` for inference only (the ``fused`` mode): BatchNorm folded
-    (:func:`fold_batchnorm`), backbone convolutions as :class:`InferenceConv2d` (stride 2 without padding
-    copies, swish fused by oneDNN on CPU), squeeze-excitation as Linear layers, in-place activations, and
-    the heads' per-level convs fused with their swish. Same outputs as the model up to float round-off."""
+    (:func:`fold_batchnorm`); the backbone's convolutions and those followed by an activation as
+    :class:`InferenceConv2d` (stride 2 without padding copies; swish, and the class sigmoid after the
+    classifier's output conv, fused by oneDNN on CPU); squeeze-excitation as Linear layers; in-place
+    activations and residual adds. The BiFPN's convolutions stay ``nn.Conv2d`` (as fast here: stride 1, no
+    activation after them). Same outputs as the model up to float round-off."""
     model = fold_batchnorm(model)
     net = model.backbone_net.model
-    net._conv_stem = InferenceConv2d(net._conv_stem, activation=True)
-    net._swish = nn.Identity()  # the stem's swish is inside _conv_stem now
+    net._conv_stem = InferenceConv2d(net._conv_stem, "swish")
+    net._swish = nn.Identity()  # inside _conv_stem now
     net._blocks = nn.ModuleList([InferenceMBConvBlock(block) for block in net._blocks])
     for head in (model.regressor, model.classifier):
         for convs in head.levels:
             for block in convs:
-                block.pointwise_conv = InferenceConv2d(block.pointwise_conv, activation=True)
+                block.pointwise_conv = InferenceConv2d(block.pointwise_conv, "swish")
         head.swish = nn.Identity()  # inside each level's pointwise conv now
-        head.sigmoid_into_output = True
+    model.classifier.header.pointwise_conv = InferenceConv2d(model.classifier.header.pointwise_conv, "sigmoid")
+    model.classifier.apply_sigmoid = False  # inside the output conv now
     for module in model.modules():
         for name, child in list(module.named_children()):
             if isinstance(child, Swish):
