@@ -238,6 +238,24 @@ def build_transform(input_size: int, mean: Sequence[float], std: Sequence[float]
 # Dataset
 # --------------------------------------------------------------------------------------------------
 
+def read_json(path: Union[str, Path], kind: str = "JSON file") -> Any:
+    """The parsed content of a JSON file; ``kind`` names the file in the not-found message.
+
+    Raises:
+        FileNotFoundError: the file does not exist ("{kind} not found: {path}").
+        ValueError: not UTF-8 or malformed JSON, naming the file and the position.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def read_coco_json(path: Union[str, Path], keys: Sequence[str] = ("images", "annotations")) -> Dict[str, Any]:
     """Read a COCO instances JSON whose ``keys`` must be lists.
 
@@ -246,14 +264,7 @@ def read_coco_json(path: Union[str, Path], keys: Sequence[str] = ("images", "ann
         ValueError: not UTF-8, malformed JSON, not an object, or a key missing / not a list (named).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    data = read_json(path, "annotation file")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with {', '.join(repr(k) for k in keys)}, "
                          f"got {type(data).__name__}")

@@ -236,7 +236,7 @@ def test_missing_or_malformed_files_raise(coco_tiny, tmp_path):
         evaluate_coco(coco_tiny["ann_file"], tmp_path / "results.json")
     bad = tmp_path / "bad.json"
     bad.write_text("[{")
-    with pytest.raises(ValueError, match="bad.json: invalid JSON"):
+    with pytest.raises(ValueError, match="bad.json: malformed JSON"):
         evaluate_coco(coco_tiny["ann_file"], bad)
     with pytest.raises(ValueError, match="record 0 lacks key 'score'"):
         load_results([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}])

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from efficientdet.dataset import read_coco_json
+from efficientdet.dataset import read_coco_json, read_json
 
 if TYPE_CHECKING:  # utils.inference imports torch and the model; only its types are needed here
     from utils.inference import Detections, Detector
@@ -89,14 +88,8 @@ def load_results(results: Union[PathLike, Sequence[Mapping[str, Any]]]) -> List[
     """
     origin = "results"
     if isinstance(results, (str, Path)):
-        path = Path(results)
-        origin = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"results file not found: {path}")
-        try:
-            results = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        origin = str(results)
+        results = read_json(results, "results file")
     if not isinstance(results, (list, tuple)):
         raise ValueError(f"{origin}: expected a list of COCO result records, got {type(results).__name__}")
     records: List[Dict[str, Any]] = []
