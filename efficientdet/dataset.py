@@ -276,6 +276,17 @@ def read_coco_json(path: Union[str, Path], keys: Sequence[str] = ("images", "ann
     return data
 
 
+def _check_entry(path: Path, section: str, position: int, entry: Any, keys: Sequence[str]) -> None:
+    """``entry`` (``data[section][position]`` of a COCO JSON) is an object holding ``keys``; else a ValueError
+    naming the file, the entry (its id where it has one) and the key."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: {section}[{position}]: expected an object, got {type(entry).__name__}")
+    label = {"images": "image", "annotations": "annotation"}.get(section, section)
+    for key in keys:
+        if key not in entry:
+            raise ValueError(f"{path}: {label} id {entry.get('id', '?')} ({section}[{position}]): missing key {key!r}")
+
+
 class _ImageRecord(NamedTuple):
     image_id: int
     path: Path
@@ -357,12 +368,7 @@ class CocoDataset(Dataset):
         images: Dict[int, _ImageRecord] = {}
         order: List[int] = []
         for position, entry in enumerate(data["images"]):
-            if not isinstance(entry, dict):
-                raise ValueError(f"{path}: images[{position}]: expected an object, got {type(entry).__name__}")
-            for key in ("id", "file_name", "width", "height"):
-                if key not in entry:
-                    raise ValueError(f"{path}: image id {entry.get('id', '?')} (images[{position}]): "
-                                     f"missing key {key!r}")
+            _check_entry(path, "images", position, entry, ("id", "file_name", "width", "height"))
             image_id = entry["id"]
             if isinstance(image_id, bool) or not isinstance(image_id, int):
                 raise ValueError(f"{path}: images[{position}]: key 'id': expected an integer, got {image_id!r}")
@@ -401,12 +407,7 @@ class CocoDataset(Dataset):
     def _parse_annotation(self, position: int, ann: Any, images: Dict[int, _ImageRecord],
                           boxes: Dict[int, List[List[float]]]) -> None:
         path = self.annotation_file
-        if not isinstance(ann, dict):
-            raise ValueError(f"{path}: annotations[{position}]: expected an object, got {type(ann).__name__}")
-        for key in ("id", "image_id", "category_id", "bbox"):
-            if key not in ann:
-                raise ValueError(f"{path}: annotation id {ann.get('id', '?')} (annotations[{position}]): "
-                                 f"missing key {key!r}")
+        _check_entry(path, "annotations", position, ann, ("id", "image_id", "category_id", "bbox"))
         ann_id = ann["id"]
         if ann["image_id"] not in images:
             raise ValueError(f"{path}: annotation id {ann_id}: image_id {ann['image_id']!r} is not in 'images'")
