@@ -94,7 +94,9 @@ def test_fp32_modes_match_eager(mode, d0_model, eager_outputs):
         assert not any(isinstance(m, nn.BatchNorm2d) for m in runner.network.modules())
     if "channels_last" in runner.components:
         tensors = list(runner.network.parameters()) + list(runner.network.buffers())
-        weights = [t for t in tensors if t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1]  # layouts differ
+        # 1-channel and 1x1 layouts coincide; oneDNN-packed weights have their own (opaque) layout.
+        weights = [t for t in tensors
+                   if t.layout == torch.strided and t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1]
         assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
 
 
@@ -179,10 +181,36 @@ def test_inference_conv_equals_same_padding_conv(kernel, stride, fuse_onednn):
             np.testing.assert_allclose(plain(x).numpy(), expected.numpy(), atol=1e-5, rtol=0)
             np.testing.assert_allclose(layer(x).numpy(), F.silu(expected).numpy(), atol=1e-5, rtol=0)
             np.testing.assert_allclose(sigmoid(x).numpy(), torch.sigmoid(expected).numpy(), atol=1e-6, rtol=0)
-    weights = sorted(name for name, _ in layer.named_buffers() if name.startswith("weight"))
+            # Channels-last inputs take the prepacked weights on the oneDNN path.
+            got = layer(x.contiguous(memory_format=torch.channels_last))
+            np.testing.assert_allclose(got.numpy(), F.silu(expected).numpy(), atol=1e-5, rtol=0)
+    weights = sorted(name for name in layer.state_dict() if name.startswith("weight"))
     # Stride 1 (and 1x1 kernels) never need a shifted kernel: one copy of the weights.
     assert weights == (["weight_00", "weight_01", "weight_10", "weight_11"]
                        if stride == 2 and kernel > 1 else ["weight_00"])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch built with oneDNN")
+def test_inference_conv_packs_weights_once_per_dtype():
+    torch.manual_seed(0)
+    wrapper = Conv2dStaticSamePadding(8, 16, 3, stride=2).eval()
+    layer = InferenceConv2d(wrapper, "swish").eval()
+    x = torch.randn(1, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = F.silu(wrapper(x))
+        np.testing.assert_allclose(layer(x).numpy(), expected.numpy(), atol=1e-5, rtol=0)
+        packed = [b for b in layer.buffers() if b.layout != torch.strided]
+        assert len(packed) == 1 and packed[0].is_mkldnn
+        layer(x)
+        assert [b for b in layer.buffers() if b.layout != torch.strided][0] is packed[0]  # reused, not repacked
+        assert all(t.layout == torch.strided for t in layer.state_dict().values())  # never saved
+        # A dtype change drops the float32 packing; bf16 inputs get their own.
+        layer.to(torch.bfloat16)
+        assert all(b.layout == torch.strided for b in layer.buffers())
+        got = layer(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    assert got.dtype == torch.bfloat16
+    assert [b.dtype for b in layer.buffers() if b.layout != torch.strided] == [torch.bfloat16]
+    np.testing.assert_allclose(got.float().numpy(), expected.numpy(), atol=5e-2, rtol=5e-2)
 
 
 def test_inference_conv_rejects_what_it_cannot_reproduce():
