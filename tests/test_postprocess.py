@@ -135,11 +135,19 @@ def test_detections_empty():
     assert len(det) == 0 and det.boxes.shape == (0, 4)
 
 
-@pytest.mark.parametrize("num_classes", [1, 3, 8, 9, 90, 91])
-def test_best_class_score_for_any_class_count(num_classes):
-    from utils.postprocess import _row_max
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows", [4096, 4095, 499, 1])  # screened in groups of 16, 9; none (prime, 1)
+@pytest.mark.parametrize("num_classes", [1, 3, 90, 91])
+def test_rows_above_threshold_equals_row_maximum(num_rows, num_classes, dtype):
+    from utils.postprocess import _rows_above
 
-    scores = torch.rand(500, num_classes)
-    scores[::7, -1] = 2.0  # the odd last column must count
-    scores[1::7, 0] = 3.0
-    assert torch.equal(_row_max(scores), scores.amax(dim=1))
+    torch.manual_seed(num_rows + num_classes)
+    scores = (torch.rand(num_rows, num_classes) * 0.3).to(dtype)
+    scores[::97, -1] = 0.9  # last and first columns count
+    scores[5::89, 0] = 0.7
+    scores[3::101, num_classes // 2] = 0.2  # exactly the threshold (float32 0.2): not above
+    scores[7::103, num_classes // 2] = torch.tensor(0.2).to(dtype).float().item()  # bf16 0.2002: above
+    for threshold in (0.2, 0.5, 0.05):  # few rows pass, fewer, most (all rows get a maximum)
+        want = torch.nonzero(scores.float().amax(dim=1) > threshold).squeeze(1)
+        got = _rows_above(scores, threshold)
+        assert torch.equal(got, want), (threshold, got.numel(), want.numel())

@@ -58,14 +58,28 @@ def _check_outputs(regression: Tensor, classification: Tensor, anchors: Tensor) 
                          f"got shape {tuple(anchors.shape)}")
 
 
-def _row_max(flat: Tensor) -> Tensor:
-    """``flat.amax(dim=1)`` for Tensor[M, C]: the element-wise maximum of the two column halves first (a
-    vectorised pass), then the row reduction over half the columns; exact, ~25 % faster for C = 90 on CPU."""
-    half = flat.shape[1] // 2
-    if half < 4:
-        return flat.amax(dim=1)
-    best = torch.maximum(flat[:, :half], flat[:, half:2 * half]).amax(dim=1)
-    return torch.maximum(best, flat[:, -1]) if flat.shape[1] % 2 else best
+# Rows per group in :func:`_rows_above` (the first that divides the row count): a maximum over the 16 × C
+# values of a group vectorises far better than 16 row maxima over C = 90 (0.11 ms instead of 1.06 ms for
+# D0's 49104 × 90 on the 2-core reference CPU).
+_GROUP_SIZES = (16, 9, 8, 4, 3, 2)
+
+
+def _rows_above(flat: Tensor, threshold: float) -> Tensor:
+    """Indices (ascending) of the rows of ``flat`` (Tensor[M, C], any float dtype) whose maximum is
+    > ``threshold``, compared in float32: ``nonzero(flat.float().amax(1) > threshold)``, the same rows.
+
+    Rows are first screened in groups (a row can pass only if its group's maximum does); only the rows of
+    passing groups get their own maximum. When most groups pass (an unconfident model), all rows do.
+    """
+    rows, columns = flat.shape
+    group = next((g for g in _GROUP_SIZES if rows % g == 0), 1)
+    if group > 1:
+        group_best = flat.reshape(rows // group, group * columns).amax(dim=1).float()
+        groups = torch.nonzero(group_best > threshold).squeeze(1)
+        if groups.numel() * 4 <= group_best.numel():
+            candidates = (groups[:, None] * group + torch.arange(group, device=flat.device)).reshape(-1)
+            return candidates[flat[candidates].float().amax(dim=1) > threshold]
+    return torch.nonzero(flat.float().amax(dim=1) > threshold).squeeze(1)
 
 
 def postprocess_tensors(input_hw: Tuple[int, int], anchors: Tensor, regression: Tensor, classification: Tensor,
@@ -85,12 +99,9 @@ def postprocess_tensors(input_hw: Tuple[int, int], anchors: Tensor, regression: 
     batch_size, num_anchors, num_classes = classification.shape
     height, width = int(input_hw[0]), int(input_hw[1])
     # Threshold first, then decode only the anchors that pass (the same numbers as decoding all of them:
-    # every step is element-wise). amax over the flat [B * N, C] view is several times faster than
-    # max(dim=2) with indices; the class index is taken on the few selected rows only.
+    # every step is element-wise). The class index is taken on the few selected rows only.
     flat = classification.reshape(-1, num_classes)
-    # Reduced-precision amax is slower on CPU than a float32 copy and a float32 amax (same values).
-    best = _row_max(flat if flat.dtype == torch.float32 else flat.float())
-    flat_index = torch.nonzero(best > threshold).squeeze(1)  # b * N + n, ascending
+    flat_index = _rows_above(flat, threshold)  # b * N + n, ascending
     image_index = torch.div(flat_index, num_anchors, rounding_mode="floor")
     anchor_index = flat_index - image_index * num_anchors
     scores, classes = classification.reshape(-1, num_classes)[flat_index].float().max(dim=1)
