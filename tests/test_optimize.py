@@ -100,14 +100,18 @@ def test_fp32_modes_match_eager(mode, d0_model, eager_outputs):
         assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
 
 
-def test_trace_graph_per_input_shape(d0_model, d0_vectors):
-    runner = InferenceModel(copy.deepcopy(d0_model), "fused+trace")
+@pytest.mark.parametrize("mode", ["fused+trace", FASTEST])
+def test_trace_graph_per_input_shape(mode, d0_model, d0_vectors):
+    runner = InferenceModel(copy.deepcopy(d0_model), mode)
     x = torch.from_numpy(d0_vectors["input"])
     with torch.inference_mode():
         reg2, cls2, _ = runner(x)
         reg1, cls1, _ = runner(x[1:])  # another batch size: a second graph, same numbers
         runner(x)
     assert len(runner._traced) == 2
+    for graph in runner._traced.values():
+        # Weights are packed for oneDNN before tracing (channels-last), never inside the graph on every run.
+        assert "_reorder_convolution_weight" not in str(graph.graph)
     np.testing.assert_allclose(reg1.numpy(), reg2[1:].numpy(), atol=OUTPUT_ATOL, rtol=0)
     np.testing.assert_allclose(cls1.numpy(), cls2[1:].numpy(), atol=OUTPUT_ATOL, rtol=0)
     with pytest.raises(ValueError, match="multiples of 128"):
@@ -161,7 +165,7 @@ def test_detector_mode_gives_eager_detections(d0_model, eager_outputs):
 import torch.nn.functional as F  # noqa: E402
 
 from efficientnet.utils import Conv2dStaticSamePadding  # noqa: E402
-from utils.optimize import InferenceConv2d, specialize_for_inference  # noqa: E402
+from utils.optimize import PACKED_SHAPES, InferenceConv2d, specialize_for_inference  # noqa: E402
 
 
 @pytest.mark.parametrize("fuse_onednn", [True, False])
@@ -203,6 +207,11 @@ def test_inference_conv_packs_weights_once_per_dtype():
         assert len(packed) == 1 and packed[0].is_mkldnn
         layer(x)
         assert [b for b in layer.buffers() if b.layout != torch.strided][0] is packed[0]  # reused, not repacked
+        # oneDNN's layout depends on the input shape: each shape gets its own packing, the oldest are dropped.
+        for size in range(12, 12 + 2 * PACKED_SHAPES, 2):
+            y = torch.randn(1, 8, size, size).contiguous(memory_format=torch.channels_last)
+            np.testing.assert_allclose(layer(y).numpy(), F.silu(wrapper(y)).numpy(), atol=1e-5, rtol=0)
+        assert sum(b.layout != torch.strided for b in layer.buffers()) == PACKED_SHAPES
         assert all(t.layout == torch.strided for t in layer.state_dict().values())  # never saved
         # A dtype change drops the float32 packing; bf16 inputs get their own.
         layer.to(torch.bfloat16)

@@ -53,6 +53,9 @@ MODES: Tuple[str, ...] = ("eager", "fused", "channels_last", "trace", "fused+cha
                           "fused+channels_last+trace+fp16", "fastest")
 # Input shapes whose frozen graphs an InferenceModel keeps (oldest dropped first).
 TRACE_CACHE_SIZE = 4
+# Input shapes per InferenceConv2d whose oneDNN-packed weights are kept (oldest dropped first); a head's
+# output depthwise conv sees one shape per pyramid level.
+PACKED_SHAPES = 16
 
 
 @torch.no_grad()
@@ -231,8 +234,10 @@ class InferenceConv2d(nn.Module):
                     self.register_buffer(name, F.pad(weight, (shifts[1], 0, shifts[0], 0)))
                 self.variants[(row_even, col_even)] = (name, (padding[0], padding[1]))
         self.fuse_onednn = self._decide_fusion()
-        # (variant, dtype) -> name of the buffer holding that weight in oneDNN's layout (see _packed_weight).
-        self._packed: Dict[Tuple[str, torch.dtype], str] = {}
+        # (variant, dtype, input shape) -> name of the buffer holding that weight in oneDNN's layout for that
+        # input (see _packed_weight), oldest first.
+        self._packed: "OrderedDict[Tuple[str, torch.dtype, Tuple[int, ...]], str]" = OrderedDict()
+        self._packed_count = 0
 
     def _decide_fusion(self) -> bool:
         available = _onednn_swish_available(self.bias.device)
@@ -242,25 +247,34 @@ class InferenceConv2d(nn.Module):
         # A device or dtype change drops the packed weights (repacked on use) and re-decides the oneDNN path.
         for buffer in self._packed.values():
             del self._buffers[buffer]
-        self._packed = {}
+        self._packed.clear()
         module = super()._apply(fn, recurse)
         self.fuse_onednn = self._decide_fusion()
         return module
 
     def _packed_weight(self, name: str, padding: Tuple[int, int], x: Tensor) -> Tensor:
-        """The weight variant ``name`` in oneDNN's own layout for channels-last ``x`` of ``x.dtype``, reordered
-        on first use and kept as a (non-persistent) buffer; unpacked, oneDNN reorders the weight on every call
-        (~10 µs per conv here, over 180 convs in D0). The layout is chosen for ``x``'s shape; other shapes
-        get the same values (oneDNN reorders where it must)."""
-        key = (name, x.dtype)
+        """The weight variant ``name`` in oneDNN's own layout for the channels-last input ``x``: reordered on
+        first use and kept as a non-persistent buffer, for the last :data:`PACKED_SHAPES` input shapes.
+
+        Unpacked, oneDNN reorders the weight on every call (~10 µs per conv here, over 180 convs in D0). The
+        layout oneDNN picks depends on the input's shape and dtype, and a weight packed for another shape
+        gives the same values but can be 15x slower (D0's 1152->192 1x1 conv at 16x16 packed for 4x4 inputs):
+        hence one packing per shape.
+        """
+        key = (name, x.dtype, tuple(int(size) for size in x.shape))  # traced sizes are tensors
         buffer = self._packed.get(key)
         if buffer is None:
-            buffer = f"{name}_packed_{str(x.dtype).replace('torch.', '')}"
+            buffer = f"{name}_packed_{self._packed_count}"
+            self._packed_count += 1
             packed = torch.ops.mkldnn._reorder_convolution_weight(
                 getattr(self, name).to(x.dtype), list(padding), list(self.stride), [1, 1], self.groups,
                 list(x.shape))
             self.register_buffer(buffer, packed, persistent=False)
             self._packed[key] = buffer
+            while len(self._packed) > PACKED_SHAPES:  # frozen graphs keep their own reference
+                del self._buffers[self._packed.popitem(last=False)[1]]
+        else:
+            self._packed.move_to_end(key)
         return getattr(self, buffer)
 
     def forward(self, x: Tensor) -> Tensor:
