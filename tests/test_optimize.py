@@ -222,6 +222,22 @@ def test_inference_conv_packs_weights_once_per_dtype():
     np.testing.assert_allclose(got.float().numpy(), expected.numpy(), atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("kernel,groups", [(1, 1), (3, 8)])  # a pointwise pair, a depthwise pair
+def test_side_by_side_conv_computes_both(kernel, groups):
+    from utils.optimize import _side_by_side
+
+    torch.manual_seed(kernel)
+    first = Conv2dStaticSamePadding(8, 8, kernel, groups=groups).eval()
+    second = Conv2dStaticSamePadding(8, 8, kernel, groups=groups, bias=False).eval()
+    merged = _side_by_side([first, second])
+    assert merged.conv.groups == 2 * groups
+    a, b = torch.randn(2, 8, 9, 7), torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        got = merged(torch.cat([a, b], dim=1))
+        np.testing.assert_allclose(got[:, :8].numpy(), first(a).numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got[:, 8:].numpy(), second(b).numpy(), atol=1e-5, rtol=0)
+
+
 def test_inference_conv_rejects_what_it_cannot_reproduce():
     with pytest.raises(ValueError, match="stride"):
         InferenceConv2d(Conv2dStaticSamePadding(4, 4, 3, stride=3))
