@@ -70,10 +70,18 @@ def pure_torch(monkeypatch):
     monkeypatch.setattr(nms_module, "torchvision_batched_nms", lambda: None)
 
 
+@pytest.fixture(params=["pairs at once", "row by row"])
+def suppress_path(request, monkeypatch):
+    """Both ways of computing the IoUs: every pair at once (few boxes) and row by row (many boxes)."""
+    if request.param == "row by row":
+        monkeypatch.setattr(nms_module, "MATRIX_MAX_BOXES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("integer", [True, False])
 @pytest.mark.parametrize("threshold", [0.0, 0.2, 0.5, 0.7])
 @pytest.mark.parametrize("seed", range(3))
-def test_single_class_matches_kernel(seed, threshold, integer):
+def test_single_class_matches_kernel(seed, threshold, integer, suppress_path):
     boxes, scores, _ = random_case(seed, 60, 1, integer)
     got = nms(torch.from_numpy(boxes), torch.from_numpy(scores), threshold)
     assert got.dtype == torch.int64
@@ -83,7 +91,7 @@ def test_single_class_matches_kernel(seed, threshold, integer):
 @pytest.mark.parametrize("integer", [True, False])
 @pytest.mark.parametrize("threshold", [0.2, 0.5])
 @pytest.mark.parametrize("seed", range(3))
-def test_batched_matches_per_class_reference(seed, threshold, integer):
+def test_batched_matches_per_class_reference(seed, threshold, integer, suppress_path):
     boxes, scores, idxs = random_case(seed, 80, 4, integer)
     got = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(idxs), threshold)
     assert got.tolist() == reference_batched_nms(boxes, scores, idxs, threshold)
@@ -103,7 +111,7 @@ def test_classes_do_not_suppress_each_other():
     assert batched_nms(boxes, scores, torch.tensor([0, 0, 0]), 0.5).tolist() == [0]
 
 
-def test_iou_exactly_threshold_in_float32_is_suppressed_like_the_cpp_kernel():
+def test_iou_exactly_threshold_in_float32_is_suppressed_like_the_cpp_kernel(suppress_path):
     # IoU = 20 / 100 = float32(0.2) = 0.20000000298 > 0.2 (double): torchvision suppresses it.
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 2.0]])
     scores = torch.tensor([0.9, 0.8])
@@ -113,7 +121,7 @@ def test_iou_exactly_threshold_in_float32_is_suppressed_like_the_cpp_kernel():
     assert nms(boxes, scores, 0.5).tolist() == [0, 1]
 
 
-def test_ties_keep_input_order_and_result_is_sorted():
+def test_ties_keep_input_order_and_result_is_sorted(suppress_path):
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [5.0, 5.0, 6.0, 6.0], [10.0, 10.0, 11.0, 11.0], [20.0, 20, 21, 21]])
     scores = torch.tensor([0.5, 0.9, 0.5, 0.5])
     assert batched_nms(boxes, scores, torch.tensor([1, 0, 0, 1]), 0.5).tolist() == [1, 0, 2, 3]
@@ -122,7 +130,7 @@ def test_ties_keep_input_order_and_result_is_sorted():
     assert nms(same, torch.tensor([0.3, 0.3, 0.3]), 0.5).tolist() == [0]
 
 
-def test_degenerate_and_inverted_boxes_never_suppress():
+def test_degenerate_and_inverted_boxes_never_suppress(suppress_path):
     boxes = torch.tensor([[5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 5.0, 5.0], [10.0, 10.0, 0.0, 0.0], [0.0, 0.0, 10.0, 10.0]])
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     assert nms(boxes, scores, 0.1).tolist() == [0, 1, 2, 3]
@@ -140,7 +148,7 @@ def test_empty_and_bad_shapes():
         batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2, dtype=torch.int64), 0.5)
 
 
-def test_single_class_float64():
+def test_single_class_float64(suppress_path):
     boxes, scores, _ = random_case(3, 50, 1, integer=False)
     got = nms_torch(torch.from_numpy(boxes).double(), torch.from_numpy(scores).double(), 0.3)
     # The kernel in float64 (double IoU, double threshold).

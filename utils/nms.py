@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 # 20000 on CUDA) and runs a per-class loop above.
 COORDINATE_TRICK_MAX_BOXES = 1000
 COORDINATE_TRICK_MAX_BOXES_CUDA = 5000
+# Up to this many boxes (single pass) the IoU of every pair is computed at once; above, row by row.
+MATRIX_MAX_BOXES = 256
 
 _TORCHVISION_BATCHED_NMS: Optional[Callable[..., Tensor]] = None
 _TORCHVISION_CHECKED = False
@@ -104,18 +106,28 @@ def _suppress(boxes: Tensor, scores: Tensor, classes: Optional[Tensor], iou_thre
     threshold = _threshold_in_dtype(float(iou_threshold), sorted_boxes.dtype)
     zero = sorted_boxes.dtype.type(0)
     suppressed = np.zeros(num, dtype=bool)
+    def exceeds(iou: np.ndarray) -> np.ndarray:
+        return iou.astype(np.float64) > float(iou_threshold) if threshold is None else iou > threshold
+
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 = NaN never suppresses, as in C++
-        for i in range(num):
-            if not suppressed[i] and ends[i] > i + 1:
-                later = slice(i + 1, int(ends[i]))
-                width = np.maximum(zero, np.minimum(x2[i], x2[later]) - np.maximum(x1[i], x1[later]))
-                height = np.maximum(zero, np.minimum(y2[i], y2[later]) - np.maximum(y1[i], y1[later]))
-                inter = width * height
-                iou = inter / (areas[i] + areas[later] - inter)
-                if threshold is None:
-                    suppressed[later] |= iou.astype(np.float64) > float(iou_threshold)
-                else:
-                    suppressed[later] |= iou > threshold
+        if classes is None and num <= MATRIX_MAX_BOXES:
+            # Every pair at once (the same element-wise operations, so the same IoU bits), then the sequential
+            # pass over a boolean matrix: far fewer numpy calls for the few boxes of a confident model.
+            width = np.maximum(zero, np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1))
+            height = np.maximum(zero, np.minimum(y2[:, None], y2) - np.maximum(y1[:, None], y1))
+            inter = width * height
+            overlaps = exceeds(inter / (areas[:, None] + areas - inter))
+            for i in range(num - 1):
+                if not suppressed[i]:
+                    suppressed[i + 1:] |= overlaps[i, i + 1:]
+        else:
+            for i in range(num):
+                if not suppressed[i] and ends[i] > i + 1:
+                    later = slice(i + 1, int(ends[i]))
+                    width = np.maximum(zero, np.minimum(x2[i], x2[later]) - np.maximum(x1[i], x1[later]))
+                    height = np.maximum(zero, np.minimum(y2[i], y2[later]) - np.maximum(y1[i], y1[later]))
+                    inter = width * height
+                    suppressed[later] |= exceeds(inter / (areas[i] + areas[later] - inter))
     kept = torch.sort(order[torch.from_numpy(~suppressed).to(boxes.device)]).values
     return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
 
