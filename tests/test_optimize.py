@@ -278,3 +278,24 @@ def test_spatial_mean_of_reduced_precision_channels_last():
     assert got.dtype == torch.bfloat16 and got.shape == (2, 24)
     # One bf16 rounding of the float32-accumulated sum, like bf16 mean itself.
     np.testing.assert_allclose(got.float().numpy(), low.float().mean(dim=(2, 3)).numpy(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("pad_value", [0.0, float("-inf")])  # published, official
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (2, 2), (3, 1), (5, 2), (3, 3)])
+def test_inference_max_pool_equals_padded_pool(kernel, stride, pad_value):
+    from efficientnet.utils import MaxPool2dStaticSamePadding
+    from utils.optimize import InferenceMaxPool2d
+
+    pool = MaxPool2dStaticSamePadding(kernel, stride, pad_value=pad_value)
+    fast = InferenceMaxPool2d(pool)
+    torch.manual_seed(kernel + stride)
+    for height, width in [(8, 8), (9, 9), (8, 11), (13, 10), (2, 3), (1, 1)]:
+        x = -torch.rand(2, 3, height, width) - 0.1  # all negative: the padded zeros win at the borders
+        x[0] += 1.0
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            inputs = x.contiguous(memory_format=memory_format)
+            expected = pool(inputs)
+            got = fast(inputs)
+            assert got.shape == expected.shape and torch.equal(got, expected), (height, width, memory_format)
+    with pytest.raises(ValueError, match="pad_value"):
+        InferenceMaxPool2d(MaxPool2dStaticSamePadding(3, 2, pad_value=1.0))

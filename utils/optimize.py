@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from backbone import EfficientDetBackbone
 from efficientdet.model import Head, SeparableConvBlock
-from efficientnet.utils import Conv2dStaticSamePadding, Swish, same_padding
+from efficientnet.utils import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, Swish, same_padding
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +291,42 @@ class InferenceConv2d(nn.Module):
         return _ACTIVATIONS[self.activation](y)
 
 
+class InferenceMaxPool2d(nn.Module):
+    """:class:`MaxPool2dStaticSamePadding` without the padded copy of its input.
+
+    max_pool2d's own padding and ``ceil_mode`` reproduce "SAME" windows with the padded cells ignored (the
+    ``-inf`` padding of the official checkpoints). With zero padding (the published ones) the outputs whose
+    window reaches into the padding are then raised to at least 0, in place: max(window, 0) is the maximum
+    over the window with its padded zeros. Same outputs, bit for bit.
+    """
+
+    def __init__(self, pool: MaxPool2dStaticSamePadding) -> None:
+        super().__init__()
+        self.kernel_size = pool.kernel_size
+        self.stride = pool.stride
+        self.pad_value = pool.pad_value
+        if self.pad_value not in (0.0, float("-inf")):
+            raise ValueError(f"InferenceMaxPool2d takes pad_value 0 or -inf, got {self.pad_value}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: Tensor[B, C, H, W] -> Tensor[B, C, ceil(H / s), ceil(W / s)]."""
+        left, right, top, bottom = same_padding((int(x.shape[-2]), int(x.shape[-1])), self.kernel_size, self.stride)
+        sides = ((top, bottom), (left, right))
+        if any(after - before not in (0, 1) or before > k // 2 or (after > before and s < 2)
+               for (before, after), k, s in zip(sides, self.kernel_size, self.stride)):
+            return F.max_pool2d(F.pad(x, (left, right, top, bottom), value=self.pad_value), self.kernel_size,
+                                self.stride)
+        out = F.max_pool2d(x, self.kernel_size, self.stride, padding=(top, left), ceil_mode=True)
+        if self.pad_value == 0.0:
+            for dim, (before, after), k, s in zip((2, 3), sides, self.kernel_size, self.stride):
+                size, count = int(x.shape[dim]), int(out.shape[dim])
+                # Outputs whose window starts before the input or ends after it.
+                border = sorted({i for i in range(count) if i * s - before < 0 or i * s - before + k > size})
+                for i in border:
+                    out.select(dim, i).clamp_(min=0.0)
+        return out
+
+
 class InplaceSwish(nn.Module):
     """Swish that overwrites its input: for inference graphs where the input is a fresh temporary."""
 
@@ -452,6 +488,8 @@ def specialize_for_inference(model: nn.Module) -> InferenceEfficientDet:
                 setattr(module, name, InplaceSwish())
             elif isinstance(child, Conv2dStaticSamePadding):
                 setattr(module, name, InferenceConv2d(child))
+            elif isinstance(child, MaxPool2dStaticSamePadding):
+                setattr(module, name, InferenceMaxPool2d(child))
     return model
 
 
