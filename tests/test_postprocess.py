@@ -135,7 +135,7 @@ def test_detections_empty():
     assert len(det) == 0 and det.boxes.shape == (0, 4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("num_rows", [4096, 4095, 499, 1])  # screened in groups of 16, 9; none (prime, 1)
 @pytest.mark.parametrize("num_classes", [1, 3, 90, 91])
 def test_rows_above_threshold_equals_row_maximum(num_rows, num_classes, dtype):
@@ -147,7 +147,14 @@ def test_rows_above_threshold_equals_row_maximum(num_rows, num_classes, dtype):
     scores[5::89, 0] = 0.7
     scores[3::101, num_classes // 2] = 0.2  # exactly the threshold (float32 0.2): not above
     scores[7::103, num_classes // 2] = torch.tensor(0.2).to(dtype).float().item()  # bf16 0.2002: above
-    for threshold in (0.2, 0.5, 0.05):  # few rows pass, fewer, most (all rows get a maximum)
+    scores[11::107] = -0.8  # negative rows (logits), -0.0 and inf
+    scores[13::109, 0] = -0.0
+    scores[19::127, -1] = float("inf")
+    for threshold in (0.2, 0.5, 0.05, 0.0, -0.5):  # few rows pass, fewer, most (all get a maximum), signs
         want = torch.nonzero(scores.float().amax(dim=1) > threshold).squeeze(1)
         got = _rows_above(scores, threshold)
         assert torch.equal(got, want), (threshold, got.numel(), want.numel())
+    # A NaN row does not hide the other rows of its group (NaN rows themselves follow amax).
+    scores[2::7] = float("nan")
+    passing = torch.nonzero(scores.float().amax(dim=1) > 0.5).squeeze(1)
+    assert set(passing.tolist()) <= set(_rows_above(scores, 0.5).tolist())

@@ -74,8 +74,19 @@ def _rows_above(flat: Tensor, threshold: float) -> Tensor:
     rows, columns = flat.shape
     group = next((g for g in _GROUP_SIZES if rows % g == 0), 1)
     if group > 1:
-        group_best = flat.reshape(rows // group, group * columns).amax(dim=1).float()
-        groups = torch.nonzero(group_best > threshold).squeeze(1)
+        if flat.element_size() == 2 and threshold >= 0.0:
+            # bfloat16 / float16: a non-negative value's bit pattern, read as int16, orders like the value
+            # (negative values read as negative ints), and an int16 maximum is ~5x faster on CPU than a
+            # bfloat16 one. Screened against the largest value of the dtype <= threshold: for a value v of
+            # that dtype, v > threshold exactly when v's bits are above it. NaN's bits pass the screen.
+            limit = torch.tensor(threshold, dtype=torch.float32).to(flat.dtype)
+            limit_bits = int(limit.view(torch.int16)) - int(float(limit) > threshold)
+            group_best = flat.view(torch.int16).reshape(rows // group, group * columns).amax(dim=1)
+            groups = torch.nonzero(group_best > limit_bits).squeeze(1)
+        else:
+            group_best = flat.reshape(rows // group, group * columns).amax(dim=1).float()
+            # A NaN hides its group's maximum: such groups are checked row by row.
+            groups = torch.nonzero((group_best > threshold) | group_best.isnan()).squeeze(1)
         if groups.numel() * 4 <= group_best.numel():
             candidates = (groups[:, None] * group + torch.arange(group, device=flat.device)).reshape(-1)
             return candidates[flat[candidates].float().amax(dim=1) > threshold]
