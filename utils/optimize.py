@@ -9,9 +9,10 @@ A mode is a ``+``-joined set of components (order does not matter)::
 
     eager           plain float32 model (the reference; no component)
     fused           the network specialised for inference (:func:`specialize_for_inference`): every
-                    BatchNorm folded into the conv before it (:func:`fold_batchnorm`), stride-2 convs
-                    without padding copies, swish fused into the convs (oneDNN on CPU) or in place,
-                    squeeze-excitation as Linear layers, the class sigmoid fused into the output conv
+                    BatchNorm folded into the conv before it (:func:`fold_batchnorm`), stride-2 convs and
+                    max-pools without padding copies, swish and the class sigmoid fused into the convs
+                    (oneDNN on CPU, weights prepacked per input shape) or in place, squeeze-excitation as
+                    Linear layers, both heads run side by side
     channels_last   weights and activations in NHWC memory format (oneDNN's preferred layout on CPU)
     trace           torch.jit.trace + torch.jit.freeze per input shape (B, H, W); the frozen graph
                     returns (regression, classification), anchors come from the model's cached Anchors
