@@ -19,6 +19,24 @@ CLASS_PRIOR = 0.01  # official initial foreground probability of the class head
 POOL_PADDING = {"published": 0.0, "official": float("-inf")}
 
 
+def check_input_size(config: ModelConfig, height: int, width: int) -> None:
+    """ValueError unless both sides are positive multiples of ``config``'s largest stride."""
+    stride = config.max_stride
+    if height <= 0 or width <= 0 or height % stride or width % stride:
+        examples = ", ".join(str(stride * k) for k in range(2, 6))
+        raise ValueError(
+            f"input size {height}x{width} (HxW) does not work for {config.name}: height and width must be "
+            f"multiples of {stride} (the stride of P{config.max_level}), e.g. {examples}; "
+            f"the default is {config.input_size}")
+
+
+def check_images(images: Tensor, config: ModelConfig) -> None:
+    """ValueError unless ``images`` is a Tensor[B, 3, H, W] whose size the model ``config`` can take."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images Tensor[B, 3, H, W], got shape {tuple(images.shape)}")
+    check_input_size(config, int(images.shape[2]), int(images.shape[3]))
+
+
 class EfficientDetBackbone(nn.Module):
     """EfficientDet D0–D7x (``compound_coef`` 0…8, 8 = D7x).
 
@@ -76,18 +94,10 @@ class EfficientDetBackbone(nn.Module):
 
     def check_input_size(self, height: int, width: int) -> None:
         """ValueError unless both sides are positive multiples of the largest stride."""
-        stride = self.config.max_stride
-        if height <= 0 or width <= 0 or height % stride or width % stride:
-            examples = ", ".join(str(stride * k) for k in range(2, 6))
-            raise ValueError(
-                f"input size {height}x{width} (HxW) does not work for {self.config.name}: height and width must be "
-                f"multiples of {stride} (the stride of P{self.config.max_level}), e.g. {examples}; "
-                f"the default is {self.config.input_size}")
+        check_input_size(self.config, height, width)
 
     def forward(self, inputs: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor, Tensor, Tensor]:
-        if inputs.dim() != 4 or inputs.shape[1] != 3:
-            raise ValueError(f"expected images Tensor[B, 3, H, W], got shape {tuple(inputs.shape)}")
-        self.check_input_size(int(inputs.shape[2]), int(inputs.shape[3]))
+        check_images(inputs, self.config)
         features = self.bifpn(self.backbone_net(inputs))
         regression = self.regressor(features)
         classification = self.classifier(features)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbone import EfficientDetBackbone
+from backbone import check_images, check_input_size
 from efficientdet.model import Head, SeparableConvBlock
 from efficientnet.utils import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, Swish, same_padding
 
@@ -192,8 +192,8 @@ class InferenceConv2d(nn.Module):
     - ``activation``: ``"swish"`` or ``"sigmoid"`` follows. On CPU oneDNN applies it inside the
       convolution (no second pass over the output; in bfloat16 it is computed in float32 registers);
       elsewhere it runs in place.
-    - On the oneDNN path with channels-last inputs the weight is reordered once into oneDNN's layout
-      (per dtype, on first use) instead of on every call.
+    - On the oneDNN path with channels-last inputs the weight is reordered into oneDNN's layout once per
+      input shape and dtype (on first use) instead of on every call.
 
     Args:
         wrapper: the (BN-folded) convolution; odd kernels, stride 1 or 2, no dilation.
@@ -459,12 +459,10 @@ class InferenceEfficientDet(nn.Module):
 
     def check_input_size(self, height: int, width: int) -> None:
         """See :meth:`backbone.EfficientDetBackbone.check_input_size`."""
-        EfficientDetBackbone.check_input_size(self, height, width)  # type: ignore[arg-type]
+        check_input_size(self.config, height, width)
 
     def forward(self, inputs: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor, Tensor, Tensor]:
-        if inputs.dim() != 4 or inputs.shape[1] != 3:
-            raise ValueError(f"expected images Tensor[B, 3, H, W], got shape {tuple(inputs.shape)}")
-        self.check_input_size(int(inputs.shape[2]), int(inputs.shape[3]))
+        check_images(inputs, self.config)
         features = self.bifpn(self.backbone_net(inputs))
         regression, classification = self.heads(features)
         return features, regression, classification, self.anchors(inputs)
@@ -626,11 +624,9 @@ class InferenceModel:
         """images: Tensor[B, 3, H, W] normalised RGB -> ``(regression Tensor[B, N, 4] (dy, dx, dh, dw),
         classification Tensor[B, N, C] sigmoid probabilities, anchors Tensor[1, N, 4] (y1, x1, y2, x2)
         input pixels float32)``; regression and classification in :attr:`dtype`."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images Tensor[B, 3, H, W], got shape {tuple(images.shape)}")
+        check_images(images, self.network.config)  # the frozen graphs check nothing
         inputs = self.prepare_inputs(images)
         if "trace" in self.components:
-            self.network.check_input_size(int(inputs.shape[2]), int(inputs.shape[3]))
             regression, classification = self.traced(inputs)(inputs)
         else:
             _, regression, classification, _ = self.network(inputs)
