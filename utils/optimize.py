@@ -348,15 +348,13 @@ def _linear_from_conv(wrapper: Conv2dStaticSamePadding) -> nn.Linear:
 def _spatial_mean(x: Tensor) -> Tensor:
     """x: Tensor[B, C, H, W] -> Tensor[B, C], the mean over H, W (squeeze-excitation's squeeze).
 
-    bfloat16 / float16 in channels-last: a ones-vector matmul (oneDNN accumulates in float32), 3× faster on CPU
-    than ``mean``, which copies the whole activation to float32 first; the same result after rounding.
+    bfloat16 / float16: ``avg_pool2d`` over the whole map (accumulated in float32), on CPU 3.6× faster than
+    ``mean``, which copies the whole activation to float32 first (D0's 16 blocks: 0.8 ms against 2.9 ms; a
+    ones-vector matmul took 1.9 ms). float32 keeps ``mean``, the faster there.
     """
-    batch, channels, height, width = x.shape
-    if x.dtype == torch.float32 or not x.is_contiguous(memory_format=torch.channels_last):
+    if x.dtype == torch.float32:
         return x.mean(dim=(2, 3))
-    ones = x.new_ones((batch, 1, height * width))
-    sums = torch.matmul(ones, x.permute(0, 2, 3, 1).reshape(batch, height * width, channels))
-    return sums.reshape(batch, channels) / (height * width)
+    return F.avg_pool2d(x, (int(x.shape[2]), int(x.shape[3]))).flatten(1)
 
 
 class InferenceMBConvBlock(nn.Module):
