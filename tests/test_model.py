@@ -172,6 +172,27 @@ def test_decode_inverts_encode():
     torch.testing.assert_close(decoded, gt[:, [1, 0, 3, 2]])
 
 
+def test_decode_and_clip_are_the_published_arithmetic_bit_for_bit():
+    """BBoxTransform and ClipBoxes compute each coordinate with the published operations, in that order."""
+    from efficientdet.anchors import ClipBoxes
+
+    generator = torch.Generator().manual_seed(0)
+    anchors = torch.rand(1, 300, 4, generator=generator) * 600
+    anchors[..., 2:] += anchors[..., :2]
+    regression = torch.randn(2, 300, 4, generator=generator) * 3
+    ya, xa = (anchors[..., 0] + anchors[..., 2]) / 2, (anchors[..., 1] + anchors[..., 3]) / 2
+    ha, wa = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
+    w, h = regression[..., 3].exp() * wa, regression[..., 2].exp() * ha
+    yc, xc = regression[..., 0] * ha + ya, regression[..., 1] * wa + xa
+    published = torch.stack((xc - w / 2.0, yc - h / 2.0, xc + w / 2.0, yc + h / 2.0), dim=2)
+    decoded = BBoxTransform()(anchors, regression)
+    assert torch.equal(decoded, published)
+    clipped = ClipBoxes()(decoded, torch.empty(1, 3, 384, 320))
+    assert torch.equal(clipped, torch.stack((published[..., 0].clamp(min=0), published[..., 1].clamp(min=0),
+                                             published[..., 2].clamp(max=319), published[..., 3].clamp(max=383)),
+                                            dim=-1))
+
+
 def test_eval_is_deterministic_and_batch_independent(d0_model, d0_vectors):
     x = torch.from_numpy(d0_vectors["input"])
     with torch.no_grad():
