@@ -269,6 +269,22 @@ def test_specialized_model_keeps_its_input_and_repeats_itself(d0_model, d0_vecto
 
 
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_specialized_model_without_onednn_matches(memory_format, d0_model, d0_vectors):
+    """The path CUDA takes (no oneDNN: F.conv2d and in-place activations), checked on the CPU."""
+    network = specialize_for_inference(d0_model).to(memory_format=memory_format)
+    convs = [m for m in network.modules() if isinstance(m, InferenceConv2d)]
+    assert convs
+    for conv in convs:
+        conv.fuse_onednn = False
+    x = torch.from_numpy(d0_vectors["input"]).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        _, regression, classification, _ = network(x)
+    assert not any(b.layout != torch.strided for b in network.buffers())  # nothing packed
+    np.testing.assert_allclose(classification.numpy(), d0_vectors["classification"], atol=OUTPUT_ATOL, rtol=0)
+    np.testing.assert_allclose(regression.numpy(), d0_vectors["regression"], atol=OUTPUT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
 def test_spatial_mean_in_reduced_precision(memory_format):
     from utils.optimize import _spatial_mean
 
