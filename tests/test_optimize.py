@@ -165,7 +165,7 @@ def test_detector_mode_gives_eager_detections(d0_model, eager_outputs):
 import torch.nn.functional as F  # noqa: E402
 
 from efficientnet.utils import Conv2dStaticSamePadding  # noqa: E402
-from utils.optimize import PACKED_SHAPES, InferenceConv2d, specialize_for_inference  # noqa: E402
+from utils.optimize import TRACE_CACHE_SIZE, InferenceConv2d, specialize_for_inference  # noqa: E402
 
 
 @pytest.mark.parametrize("fuse_onednn", [True, False])
@@ -208,10 +208,11 @@ def test_inference_conv_packs_weights_once_per_dtype():
         layer(x)
         assert [b for b in layer.buffers() if b.layout != torch.strided][0] is packed[0]  # reused, not repacked
         # oneDNN's layout depends on the input shape: each shape gets its own packing, the oldest are dropped.
-        for size in range(12, 12 + 2 * PACKED_SHAPES, 2):
+        assert layer.max_packed == TRACE_CACHE_SIZE
+        for size in range(12, 12 + 2 * TRACE_CACHE_SIZE + 4, 2):
             y = torch.randn(1, 8, size, size).contiguous(memory_format=torch.channels_last)
             np.testing.assert_allclose(layer(y).numpy(), F.silu(wrapper(y)).numpy(), atol=1e-5, rtol=0)
-        assert sum(b.layout != torch.strided for b in layer.buffers()) == PACKED_SHAPES
+        assert sum(b.layout != torch.strided for b in layer.buffers()) == TRACE_CACHE_SIZE
         assert all(t.layout == torch.strided for t in layer.state_dict().values())  # never saved
         # A dtype change drops the float32 packing; bf16 inputs get their own.
         layer.to(torch.bfloat16)
@@ -266,6 +267,23 @@ def test_specialized_model_keeps_its_input_and_repeats_itself(d0_model, d0_vecto
     np.testing.assert_allclose(first[1].numpy(), d0_vectors["regression"], atol=OUTPUT_ATOL, rtol=0)
     for level, got in zip(range(3, 8), first[0]):
         np.testing.assert_allclose(got.numpy(), d0_vectors[f"bifpn_p{level}"], atol=OUTPUT_ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch built with oneDNN")
+def test_specialized_model_packs_each_conv_once_per_input_shape(d0_model, d0_vectors):
+    network = specialize_for_inference(d0_model).to(memory_format=torch.channels_last)
+    x = torch.from_numpy(d0_vectors["input"]).contiguous(memory_format=torch.channels_last)
+
+    def packed():
+        return {name: b for name, b in network.named_buffers() if b.layout != torch.strided}
+
+    with torch.no_grad():
+        network(x)
+        first = packed()
+        network(x)
+    assert first and packed().keys() == first.keys()  # reused on the second pass, nothing repacked
+    header = [name for name in first if name.startswith("heads.header_depthwise.")]
+    assert len(header) == 5  # the output depthwise conv is shared by the 5 levels: one packing per level
 
 
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])

@@ -53,11 +53,9 @@ MODE_ALIASES: Dict[str, str] = {"eager": "", "fastest": FASTEST}
 MODES: Tuple[str, ...] = ("eager", "fused", "channels_last", "trace", "fused+channels_last",
                           "fused+trace", "fused+channels_last+trace", "fused+channels_last+trace+bf16",
                           "fused+channels_last+trace+fp16", "fastest")
-# Input shapes whose frozen graphs an InferenceModel keeps (oldest dropped first).
+# Input shapes whose frozen graphs an InferenceModel keeps (oldest dropped first); also the input shapes
+# whose oneDNN-packed weights an InferenceConv2d keeps by default.
 TRACE_CACHE_SIZE = 4
-# Input shapes per InferenceConv2d whose oneDNN-packed weights are kept (oldest dropped first); a head's
-# output depthwise conv sees one shape per pyramid level.
-PACKED_SHAPES = 16
 
 
 @torch.no_grad()
@@ -200,10 +198,12 @@ class InferenceConv2d(nn.Module):
         activation: None, ``"swish"`` or ``"sigmoid"``.
         fuse_onednn: use oneDNN's fused convolution (default: where available, see
             :func:`_onednn_swish_available`); False forces ``F.conv2d`` (+ in-place swish).
+        max_packed: input shapes whose packed weights are kept (one per network input shape, times the
+            pyramid levels for a conv shared by the levels).
     """
 
     def __init__(self, wrapper: Conv2dStaticSamePadding, activation: Optional[str] = None,
-                 fuse_onednn: Optional[bool] = None) -> None:
+                 fuse_onednn: Optional[bool] = None, max_packed: int = TRACE_CACHE_SIZE) -> None:
         super().__init__()
         conv = wrapper.conv
         if activation not in _ACTIVATIONS:
@@ -215,6 +215,7 @@ class InferenceConv2d(nn.Module):
         self.groups = conv.groups
         self.activation = activation
         self._fuse_request = fuse_onednn
+        self.max_packed = max_packed
         weight = conv.weight.detach().clone()
         bias = conv.bias.detach().clone() if conv.bias is not None else weight.new_zeros(conv.out_channels)
         self.register_buffer("bias", bias)
@@ -256,7 +257,7 @@ class InferenceConv2d(nn.Module):
 
     def _packed_weight(self, name: str, padding: Tuple[int, int], x: Tensor) -> Tensor:
         """The weight variant ``name`` in oneDNN's own layout for the channels-last input ``x``: reordered on
-        first use and kept as a non-persistent buffer, for the last :data:`PACKED_SHAPES` input shapes.
+        first use and kept as a non-persistent buffer, for the last :attr:`max_packed` input shapes.
 
         Unpacked, oneDNN reorders the weight on every call (~10 µs per conv here, over 180 convs in D0). The
         layout oneDNN picks depends on the input's shape and dtype, and a weight packed for another shape
@@ -273,7 +274,7 @@ class InferenceConv2d(nn.Module):
                 list(x.shape))
             self.register_buffer(buffer, packed, persistent=False)
             self._packed[key] = buffer
-            while len(self._packed) > PACKED_SHAPES:  # frozen graphs keep their own reference
+            while len(self._packed) > self.max_packed:  # frozen graphs keep their own reference
                 del self._buffers[self._packed.popitem(last=False)[1]]
         else:
             self._packed.move_to_end(key)
@@ -416,8 +417,9 @@ class InferenceHeads(nn.Module):
                     InferenceConv2d(_side_by_side([reg.depthwise_conv, cls.depthwise_conv])),
                     InferenceConv2d(_side_by_side([reg.pointwise_conv, cls.pointwise_conv]), "swish")))
             self.levels.append(layers)
-        self.header_depthwise = InferenceConv2d(_side_by_side([regressor.header.depthwise_conv,
-                                                               classifier.header.depthwise_conv]))
+        self.header_depthwise = InferenceConv2d(
+            _side_by_side([regressor.header.depthwise_conv, classifier.header.depthwise_conv]),
+            max_packed=TRACE_CACHE_SIZE * len(self.levels))  # one input shape per level
         self.regression_output = InferenceConv2d(regressor.header.pointwise_conv)
         self.class_output = InferenceConv2d(classifier.header.pointwise_conv, "sigmoid")
 
