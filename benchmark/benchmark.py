@@ -130,17 +130,29 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Spread of the class logits that calibrate_class_bias gives the random-weight model (standard deviation).
+CALIBRATED_LOGIT_STD = 4.0
+
+
 @torch.no_grad()
 def calibrate_class_bias(model: EfficientDetBackbone, images: torch.Tensor, threshold: float, candidates: int) -> None:
-    """Emulate a confident model: shift the class output bias so that about ``candidates`` (anchor, class)
-    scores of ``images`` exceed ``threshold`` (the threshold midway between the k-th and k+1-th logits)."""
+    """Emulate a confident model: spread the class logits of ``images`` to a standard deviation of
+    :data:`CALIBRATED_LOGIT_STD` (random weights give logits bunched within a fraction of a unit, which bf16
+    rounding would push across the threshold by the thousand), then shift the class output bias so that about
+    ``candidates`` (anchor, class) scores exceed ``threshold`` (the threshold midway between the k-th and
+    k+1-th logits). The output conv is linear: scaling its weight and bias scales the logits."""
     _, _, classification, _ = model(images)
     logits = torch.logit(classification.double().flatten(), eps=1e-12)
+    output = model.classifier.header.pointwise_conv.conv
+    gain = max(1.0, CALIBRATED_LOGIT_STD / max(float(logits.std()), 1e-6))
+    output.weight.mul_(gain)
+    output.bias.mul_(gain)
+    logits = logits * gain
     k = max(1, min(candidates, logits.numel() - 1))
     top = torch.topk(logits, k + 1).values
     target = math.log(threshold / (1.0 - threshold))
     shift = float((top[k - 1] + top[k]) / 2) - target
-    model.classifier.header.pointwise_conv.conv.bias.sub_(shift)
+    output.bias.sub_(shift)
 
 
 def same_detections(a: Detections, b: Detections, box_atol: float = 1e-3) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from backbone import EfficientDetBackbone
@@ -37,6 +38,9 @@ def test_calibrated_bias_gives_the_requested_candidates():
     with torch.no_grad():
         _, _, classification, _ = model(images)
     assert int((classification > 0.2).sum()) == 7
+    # Logits spread to the calibrated standard deviation (random weights bunch them within a fraction of a unit).
+    spread = torch.logit(classification.double(), eps=1e-12).std().item()
+    assert spread == pytest.approx(benchmark.CALIBRATED_LOGIT_STD, rel=1e-3)
 
 
 def test_same_detections():
