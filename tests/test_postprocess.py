@@ -152,9 +152,10 @@ def test_rows_above_threshold_equals_row_maximum(num_rows, num_classes, dtype):
     scores[19::127, -1] = float("inf")
     for threshold in (0.2, 0.5, 0.05, 0.0, -0.5):  # few rows pass, fewer, most (all get a maximum), signs
         want = torch.nonzero(scores.float().amax(dim=1) > threshold).squeeze(1)
-        got = _rows_above(scores, threshold)
+        got, rows = _rows_above(scores, threshold)
         assert torch.equal(got, want), (threshold, got.numel(), want.numel())
+        assert rows.dtype == torch.float32 and torch.equal(rows, scores[want].float())
     # A NaN row does not hide the other rows of its group (NaN rows themselves follow amax).
     scores[2::7] = float("nan")
     passing = torch.nonzero(scores.float().amax(dim=1) > 0.5).squeeze(1)
-    assert set(passing.tolist()) <= set(_rows_above(scores, 0.5).tolist())
+    assert set(passing.tolist()) <= set(_rows_above(scores, 0.5)[0].tolist())

@@ -165,9 +165,8 @@ def batched_nms_torch(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold
     limit = COORDINATE_TRICK_MAX_BOXES if boxes.device.type == "cpu" else COORDINATE_TRICK_MAX_BOXES_CUDA
     if boxes.shape[0] > limit:
         return _suppress(boxes, scores, idxs, iou_threshold)
-    # torchvision's coordinate trick, with its exact float operations.
-    max_coordinate = boxes.max()
-    offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
+    # torchvision's coordinate trick, with its exact float operations (max + 1 in the boxes' dtype).
+    offsets = idxs.to(boxes) * (boxes.max() + 1)
     return _suppress(boxes + offsets[:, None], scores, None, iou_threshold)
 
 

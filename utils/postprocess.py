@@ -64,9 +64,10 @@ def _check_outputs(regression: Tensor, classification: Tensor, anchors: Tensor) 
 _GROUP_SIZES = (16, 9, 8, 4, 3, 2)
 
 
-def _rows_above(flat: Tensor, threshold: float) -> Tensor:
-    """Indices (ascending) of the rows of ``flat`` (Tensor[M, C], any float dtype) whose maximum is
-    > ``threshold``, compared in float32: ``nonzero(flat.float().amax(1) > threshold)``, the same rows.
+def _rows_above(flat: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
+    """The rows of ``flat`` (Tensor[M, C], any float dtype) whose maximum is > ``threshold``, compared in
+    float32: ``(indices Tensor[K] ascending, rows Tensor[K, C] float32)``, the indices being
+    ``nonzero(flat.float().amax(1) > threshold)``.
 
     Rows are first screened in groups (a row can pass only if its group's maximum does); only the rows of
     passing groups get their own maximum. When most groups pass (an unconfident model), all rows do.
@@ -89,8 +90,11 @@ def _rows_above(flat: Tensor, threshold: float) -> Tensor:
             groups = torch.nonzero((group_best > threshold) | group_best.isnan()).squeeze(1)
         if groups.numel() * 4 <= group_best.numel():
             candidates = (groups[:, None] * group + torch.arange(group, device=flat.device)).reshape(-1)
-            return candidates[flat[candidates].float().amax(dim=1) > threshold]
-    return torch.nonzero(flat.float().amax(dim=1) > threshold).squeeze(1)
+            rows = flat[candidates].float()
+            above = rows.amax(dim=1) > threshold
+            return candidates[above], rows[above]
+    indices = torch.nonzero(flat.float().amax(dim=1) > threshold).squeeze(1)
+    return indices, flat[indices].float()
 
 
 def postprocess_tensors(input_hw: Tuple[int, int], anchors: Tensor, regression: Tensor, classification: Tensor,
@@ -111,18 +115,21 @@ def postprocess_tensors(input_hw: Tuple[int, int], anchors: Tensor, regression: 
     height, width = int(input_hw[0]), int(input_hw[1])
     # Threshold first, then decode only the anchors that pass (the same numbers as decoding all of them:
     # every step is element-wise). The class index is taken on the few selected rows only.
-    flat = classification.reshape(-1, num_classes)
-    flat_index = _rows_above(flat, threshold)  # b * N + n, ascending
-    image_index = torch.div(flat_index, num_anchors, rounding_mode="floor")
-    anchor_index = flat_index - image_index * num_anchors
-    scores, classes = classification.reshape(-1, num_classes)[flat_index].float().max(dim=1)
-    selected_anchors = anchors.float()[image_index if anchors.shape[0] > 1 else torch.zeros_like(image_index),
-                                       anchor_index]
+    flat_index, rows = _rows_above(classification.reshape(-1, num_classes), threshold)  # b * N + n, ascending
+    scores, classes = rows.max(dim=1)
+    if batch_size == 1:
+        selected_anchors = anchors[0, flat_index].float()
+        counts = [int(flat_index.shape[0])]
+    else:
+        image_index = torch.div(flat_index, num_anchors, rounding_mode="floor")
+        anchor_index = flat_index - image_index * num_anchors
+        selected_anchors = anchors.float()[image_index if anchors.shape[0] > 1 else torch.zeros_like(image_index),
+                                           anchor_index]
+        counts = torch.bincount(image_index, minlength=batch_size).tolist()
     selected_regression = regression.reshape(-1, 4)[flat_index].float()
     # ClipBoxes only reads the last two dimensions of its reference tensor.
     reference = selected_regression.new_empty((0, 0, height, width))
     boxes = _CLIP(_REGRESS(selected_anchors[None], selected_regression[None]), reference)[0]
-    counts = torch.bincount(image_index, minlength=batch_size).tolist()
     results = []
     # One NMS per image (the published per-image call; its sequential part is per kept box anyway).
     for boxes_b, scores_b, classes_b in zip(boxes.split(counts), scores.split(counts), classes.split(counts)):
