@@ -106,6 +106,7 @@ def _suppress(boxes: Tensor, scores: Tensor, classes: Optional[Tensor], iou_thre
     threshold = _threshold_in_dtype(float(iou_threshold), sorted_boxes.dtype)
     zero = sorted_boxes.dtype.type(0)
     suppressed = np.zeros(num, dtype=bool)
+
     def exceeds(iou: np.ndarray) -> np.ndarray:
         return iou.astype(np.float64) > float(iou_threshold) if threshold is None else iou > threshold
 

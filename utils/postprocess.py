@@ -72,8 +72,8 @@ def _rows_above(flat: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
     Rows are first screened in groups (a row can pass only if its group's maximum does); only the rows of
     passing groups get their own maximum. When most groups pass (an unconfident model), all rows do.
     """
-    rows, columns = flat.shape
-    group = next((g for g in _GROUP_SIZES if rows % g == 0), 1)
+    num_rows, columns = flat.shape
+    group = next((g for g in _GROUP_SIZES if num_rows % g == 0), 1)
     if group > 1:
         if flat.element_size() == 2 and threshold >= 0.0:
             # bfloat16 / float16: a non-negative value's bit pattern, read as int16, orders like the value
@@ -82,10 +82,10 @@ def _rows_above(flat: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
             # that dtype, v > threshold exactly when v's bits are above it. NaN's bits pass the screen.
             limit = torch.tensor(threshold, dtype=torch.float32).to(flat.dtype)
             limit_bits = int(limit.view(torch.int16)) - int(float(limit) > threshold)
-            group_best = flat.view(torch.int16).reshape(rows // group, group * columns).amax(dim=1)
+            group_best = flat.view(torch.int16).reshape(num_rows // group, group * columns).amax(dim=1)
             groups = torch.nonzero(group_best > limit_bits).squeeze(1)
         else:
-            group_best = flat.reshape(rows // group, group * columns).amax(dim=1).float()
+            group_best = flat.reshape(num_rows // group, group * columns).amax(dim=1).float()
             # A NaN hides its group's maximum: such groups are checked row by row.
             groups = torch.nonzero((group_best > threshold) | group_best.isnan()).squeeze(1)
         if groups.numel() * 4 <= group_best.numel():
