@@ -27,7 +27,7 @@ from utils.evaluation import (detections_to_coco, evaluate_coco, format_metrics,
                               metrics_to_json, run_detector_on_set)
 from utils.inference import Detector
 from utils.project import ProjectConfig, load_project
-from utils.cli import run_script
+from utils.cli import add_inference_args, run_script
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -46,11 +46,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--nms", choices=("hard", "soft"), default="hard",
                         help="hard: threshold + batched NMS (published); soft: the official evaluation "
                              "(top-5000, per-class gaussian soft-NMS, 100 boxes; ignores the thresholds)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or N (default: CUDA when available)")
-    parser.add_argument("--float16", action="store_true", help="half-precision inference (meant for CUDA)")
-    parser.add_argument("--mode", default="eager",
-                        help="inference mode: eager (default), fused, channels_last, trace, bf16, fp16 joined with + "
-                             "(e.g. fused+channels_last+trace), or fastest; see utils/optimize.py")
     parser.add_argument("--max_images", type=int, default=None,
                         help="evaluate only the first N images of the annotation file (default all)")
     parser.add_argument("--override", action="store_true",
@@ -58,10 +53,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", default=".",
                         help="folder of {val_set}_bbox_results.json (default: the current directory)")
     parser.add_argument("--save_json", default=None, metavar="PATH", help="also write the metrics to PATH as JSON")
-    parser.add_argument("--input_size", type=int, default=None,
-                        help="square input side, a multiple of the model's largest stride "
-                             "(default: the model's, e.g. 512 for D0)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_inference_args(parser)
     return parser.parse_args(argv)
 
 

@@ -20,7 +20,7 @@ from utils.download import ensure_weights
 from utils.draw import draw_detections
 from utils.inference import Detections, Detector
 from utils.preprocess import list_images
-from utils.cli import run_script
+from utils.cli import add_inference_args, run_script
 
 DEFAULT_IMAGE = str(Path(__file__).resolve().parent / "test" / "img.jpg")  # the sample shipped in the repo
 SPEED_TEST_RUNS = 10
@@ -36,16 +36,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.2, help="score threshold (keep score > it)")
     parser.add_argument("--iou_threshold", type=float, default=0.2, help="NMS IoU threshold (suppress IoU > it)")
     parser.add_argument("--output", default="test", help="folder for the annotated images (default test/)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
-    parser.add_argument("--float16", action="store_true", help="half-precision network (CUDA only)")
-    parser.add_argument("--mode", default="eager",
-                        help="inference mode: eager (default), fused, channels_last, trace, bf16, fp16 joined with + "
-                             "(e.g. fused+channels_last+trace), or fastest; see utils/optimize.py")
-    parser.add_argument("--input_size", type=int, default=None,
-                        help="network input side (multiple of the max stride; default: the model's)")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (default 1)")
     parser.add_argument("--speed_test", action="store_true",
                         help=f"time {SPEED_TEST_RUNS} runs on the first batch after one warm-up and print FPS")
+    add_inference_args(parser)
     return parser.parse_args(argv)
 
 

@@ -18,7 +18,7 @@ import cv2
 from utils.download import ensure_weights
 from utils.draw import draw_detections
 from utils.inference import Detector
-from utils.cli import run_script
+from utils.cli import add_inference_args, run_script
 
 DEFAULT_FPS = 25.0
 
@@ -34,14 +34,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="annotated video (mp4v), default test/video_det.mp4")
     parser.add_argument("--threshold", type=float, default=0.2, help="score threshold (keep score > it)")
     parser.add_argument("--iou_threshold", type=float, default=0.2, help="NMS IoU threshold (suppress IoU > it)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
-    parser.add_argument("--float16", action="store_true", help="half-precision network (CUDA only)")
-    parser.add_argument("--mode", default="eager",
-                        help="inference mode: eager (default), fused, channels_last, trace, bf16, fp16 joined with + "
-                             "(e.g. fused+channels_last+trace), or fastest; see utils/optimize.py")
-    parser.add_argument("--input_size", type=int, default=None,
-                        help="network input side (multiple of the max stride; default: the model's)")
     parser.add_argument("--max_frames", type=int, default=None, help="stop after this many frames (default: all)")
+    add_inference_args(parser)
     return parser.parse_args(argv)
 
 

@@ -12,6 +12,19 @@ from typing import Callable
 KEEP_MEMORY_ENV = "EFFDET_KEEP_MEMORY"  # "0" turns the allocator tuning of run_script off
 
 
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the shared inference path (:class:`utils.inference.Detector`) that every detecting
+    script takes: ``--device``, ``--float16``, ``--mode``, ``--input_size``."""
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or N (default: CUDA when available)")
+    parser.add_argument("--float16", action="store_true", help="half-precision network (CUDA only)")
+    parser.add_argument("--mode", default="eager",
+                        help="inference mode: eager (default), fused, channels_last, trace, bf16, fp16 joined with + "
+                             "(e.g. fused+channels_last+trace), or fastest; see utils/optimize.py")
+    parser.add_argument("--input_size", type=int, default=None,
+                        help="square network input side, a multiple of the model's largest stride "
+                             "(default: the model's, e.g. 512 for D0)")
+
+
 def run_script(run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
                log_level: int = logging.INFO, keep_memory: bool = True) -> int:
     """Call ``run(args)``; bad input (ValueError, and OSError: FileNotFoundError, download and I/O
