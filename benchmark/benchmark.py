@@ -6,10 +6,11 @@
     python benchmark/benchmark.py -c 0 --onnx                           # also an ONNX Runtime session
 
 Method (SPEC §7): the same random (B, 3, S, S) tensor for every run; per mode one warm-up inference,
-then ``--runs`` timed runs of forward + post-processing (:func:`utils.postprocess.postprocess`, numpy
-detections out, so CUDA work is finished). The runs of all modes are interleaved (run 1 of every mode,
-then run 2 …) so that load from other processes spreads evenly over the modes. Ratios are against
-``eager`` (plain float32) of the same model measured in the same run. See benchmark/README.md.
+then ``--runs`` consecutive timed runs of forward + post-processing (:func:`utils.postprocess.postprocess`,
+numpy detections out, so CUDA work is finished). This is repeated in ``--rounds`` rounds, the modes taking
+turns within each round, so that load from other processes spreads evenly over the modes; statistics are
+over the timed runs of all rounds. Ratios are against ``eager`` (plain float32) of the same model measured
+in the same run. See benchmark/README.md.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ from utils.project import load_project
 from utils.weights import load_weights
 from utils.cli import keep_freed_memory, run_script
 
-DEFAULT_RUNS = 10
+DEFAULT_RUNS = 10  # SPEC §7: one warm-up, then 10 timed runs
+DEFAULT_ROUNDS = 3
 DEFAULT_THRESHOLD = 0.2
 DEFAULT_IOU_THRESHOLD = 0.2
 DEFAULT_CANDIDATES = 20
@@ -66,7 +68,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=None,
                         help=f"inference modes (default on CPU: {' '.join(CPU_MODES)}; bf16 only where supported)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help=f"timed runs per mode (default {DEFAULT_RUNS})")
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
+                        help=f"consecutive timed runs per mode and round, after one warm-up (default {DEFAULT_RUNS})")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                        help=f"rounds, the modes taking turns in each (default {DEFAULT_ROUNDS})")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="score threshold (default 0.2)")
     parser.add_argument("--iou_threshold", type=float, default=DEFAULT_IOU_THRESHOLD, help="NMS IoU (default 0.2)")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
@@ -109,6 +114,7 @@ class Result:
 
     def summary(self, eager_ms: Optional[float]) -> Dict[str, object]:
         return {"mode": self.mode, "batch_size": self.batch_size, "median_ms": self.median_ms,
+                "mean_ms": statistics.fmean(self.times_ms),  # SPEC §7 reports the mean
                 "min_ms": min(self.times_ms), "max_ms": max(self.times_ms), "images_per_s": self.images_per_s,
                 "memory_mib": self.memory_mib, "detections": self.detections,
                 "differing_images": self.differing_images,
@@ -183,7 +189,7 @@ def _onnx_session(path: Optional[str], threads: int):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     # ONNX Runtime's worker threads spin after each run by default, taking the cores from the PyTorch mode
-    # timed next (it made eager ~40 % slower in interleaved runs): no spinning, so that the ratios stay fair.
+    # timed after it (it made eager ~40 % slower): no spinning, so that the ratios stay fair.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.inter_op_num_threads = 1
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -191,14 +197,18 @@ def _onnx_session(path: Optional[str], threads: int):
 
 def benchmark(base: EfficientDetBackbone, modes: Sequence[str], batch_size: int, size: int, device: torch.device,
               runs: int, threshold: float, iou_threshold: float, seed: int, threads: int,
-              onnx_path: Optional[str] = None) -> List[Result]:
-    """Time every mode on the same (batch_size, 3, size, size) tensor; the first mode is the reference."""
+              onnx_path: Optional[str] = None, rounds: int = 1) -> List[Result]:
+    """Time every mode on the same (batch_size, 3, size, size) tensor; the first mode is the reference.
+
+    Per round and mode: one warm-up inference, then ``runs`` consecutive timed runs (SPEC §7), so that every
+    mode is timed in its steady state (its weights and buffers in the caches, as when a script runs it over
+    many images), not right after another mode evicted them."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn((batch_size, 3, size, size), generator=generator).to(device)
     hw = (size, size)
     runners, results, reference = {}, {}, None
     for mode in modes:
-        # Setup and warm-up one mode at a time (memory measured here), timed runs interleaved below.
+        # Setup and first inference one mode at a time (memory measured here), timed rounds below.
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -206,7 +216,7 @@ def benchmark(base: EfficientDetBackbone, modes: Sequence[str], batch_size: int,
         start = time.perf_counter()
         runner = _runner_for(mode, base, device, onnx_path, threads)
         with torch.inference_mode():
-            regression, classification, anchors = runner(images)  # warm-up (traces where the mode does)
+            regression, classification, anchors = runner(images)  # first run (traces where the mode does)
             dets = postprocess(hw, anchors, regression, classification, threshold, iou_threshold)
         _synchronize(device)
         result = Result(mode, batch_size, setup_s=time.perf_counter() - start)
@@ -218,17 +228,20 @@ def benchmark(base: EfficientDetBackbone, modes: Sequence[str], batch_size: int,
         result.differing_images = sum(not same_detections(a, b) for a, b in zip(dets, reference))
         runners[mode], results[mode] = runner, result
     with torch.inference_mode():
-        for _ in range(runs):
+        for _ in range(rounds):
             for mode in modes:
-                _synchronize(device)
-                start = time.perf_counter()
-                regression, classification, anchors = runners[mode](images)
-                _synchronize(device)
-                middle = time.perf_counter()
+                regression, classification, anchors = runners[mode](images)  # warm-up
                 postprocess(hw, anchors, regression, classification, threshold, iou_threshold)
-                end = time.perf_counter()  # postprocess returns numpy: the device work is finished
-                results[mode].times_ms.append(1000.0 * (end - start))
-                results[mode].post_ms.append(1000.0 * (end - middle))
+                for _ in range(runs):
+                    _synchronize(device)
+                    start = time.perf_counter()
+                    regression, classification, anchors = runners[mode](images)
+                    _synchronize(device)
+                    middle = time.perf_counter()
+                    postprocess(hw, anchors, regression, classification, threshold, iou_threshold)
+                    end = time.perf_counter()  # postprocess returns numpy: the device work is finished
+                    results[mode].times_ms.append(1000.0 * (end - start))
+                    results[mode].post_ms.append(1000.0 * (end - middle))
     return [results[mode] for mode in modes]
 
 
@@ -246,8 +259,9 @@ def format_table(results: Sequence[Result]) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads < 1 or args.runs < 1:
-        raise ValueError(f"--threads and --runs must be at least 1, got {args.threads} and {args.runs}")
+    if args.threads < 1 or args.runs < 1 or args.rounds < 1:
+        raise ValueError(f"--threads, --runs and --rounds must be at least 1, got {args.threads}, {args.runs} "
+                         f"and {args.rounds}")
     torch.set_num_threads(args.threads)
     if args.keep_memory and not keep_freed_memory():
         logging.getLogger(__name__).warning("glibc mallopt not available: memory is not kept between runs")
@@ -287,11 +301,12 @@ def run(args: argparse.Namespace) -> int:
         modes.append("onnx")
     name = base.config.name
     print(f"{name}, input {size}x{size}, {device}, {args.threads} threads, torch {torch.__version__}, "
-          f"{origin}{', mallopt keep memory' if args.keep_memory else ''}; {args.runs} timed runs per mode after one warm-up, post-processing included")
+          f"{origin}{', mallopt keep memory' if args.keep_memory else ''}; {args.rounds} rounds of one warm-up and {args.runs} timed runs per mode, "
+          f"post-processing included")
     all_results: List[Result] = []
     for batch_size in batch_sizes:
         all_results += benchmark(base, modes, batch_size, size, device, args.runs, args.threshold,
-                                 args.iou_threshold, args.seed, args.threads, onnx_path)
+                                 args.iou_threshold, args.seed, args.threads, onnx_path, args.rounds)
     print("\n".join(format_table(all_results)))
     if len(batch_sizes) > 1:
         first, last = min(batch_sizes), max(batch_sizes)
@@ -304,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         eager = {r.batch_size: r.median_ms for r in all_results if r.mode == "eager"}
         payload = {"model": name, "input_size": size, "device": str(device), "threads": args.threads,
-                   "runs": args.runs, "weights": origin, "torch": torch.__version__,
+                   "runs": args.runs, "rounds": args.rounds, "weights": origin, "torch": torch.__version__,
                    "results": [r.summary(eager.get(r.batch_size)) for r in all_results]}
         Path(args.json).write_text(json.dumps(payload, indent=2))
     return 0

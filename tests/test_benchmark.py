@@ -14,20 +14,46 @@ from utils.postprocess import Detections
 
 def test_benchmark_json_and_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = benchmark.main(benchmark.parse_args(["-c", "0", "--input_size", "128", "--runs", "2", "--batch_sizes", "1",
-                                              "2", "--modes", "eager", "fused+trace", "--json", str(out)]))
+    rc = benchmark.main(benchmark.parse_args(["-c", "0", "--input_size", "128", "--runs", "2", "--rounds", "2",
+                                              "--batch_sizes", "1", "2", "--modes", "eager", "fused+trace",
+                                              "--json", str(out)]))
     printed = capsys.readouterr().out
     assert rc == 0
     data = json.loads(out.read_text())
     results = {(r["mode"], r["batch_size"]): r for r in data["results"]}
     assert set(results) == {("eager", 1), ("fused+trace", 1), ("eager", 2), ("fused+trace", 2)}
     for (mode, batch), r in results.items():
-        assert len(r["times_ms"]) == 2 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert len(r["times_ms"]) == 4  # 2 rounds of 2 timed runs
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["min_ms"] <= r["mean_ms"] <= r["max_ms"]
         assert 0 < r["post_share"] < 1
         assert r["differing_images"] == 0  # fp32 modes: the same detections as eager
         assert r["detections"] == results[("eager", batch)]["detections"]
     assert results[("eager", 1)]["ratio_vs_eager"] == 1.0
     assert "x eager" in printed and "images/s batch 2 / batch 1" in printed
+
+
+def test_each_round_warms_up_then_times_consecutive_runs_per_mode(monkeypatch):
+    # SPEC §7 per mode: one warm-up, then the timed runs back to back (not interleaved with other modes).
+    calls = []
+    real_runner_for = benchmark._runner_for
+
+    def recording_runner_for(mode, *args, **kwargs):
+        runner = real_runner_for(mode, *args, **kwargs)
+
+        def run(images):
+            calls.append(mode)
+            return runner(images)
+        return run
+
+    monkeypatch.setattr(benchmark, "_runner_for", recording_runner_for)
+    torch.manual_seed(0)
+    model = EfficientDetBackbone(num_classes=90, compound_coef=0).eval()
+    results = benchmark.benchmark(model, ["eager", "fused"], 1, 128, torch.device("cpu"), runs=3, threshold=0.2,
+                                  iou_threshold=0.2, seed=0, threads=2, rounds=2)
+    # Setup runs (one per mode), then per round and mode: warm-up + 3 timed runs.
+    round_calls = ["eager"] * 4 + ["fused"] * 4
+    assert calls == ["eager", "fused"] + round_calls * 2
+    assert [len(r.times_ms) for r in results] == [6, 6]
 
 
 def test_calibrated_bias_gives_the_requested_candidates():
