@@ -197,12 +197,11 @@ def _onnx_session(path: Optional[str], threads: int):
 
 def benchmark(base: EfficientDetBackbone, modes: Sequence[str], batch_size: int, size: int, device: torch.device,
               runs: int, threshold: float, iou_threshold: float, seed: int, threads: int,
-              onnx_path: Optional[str] = None, rounds: int = 1) -> List[Result]:
+              onnx_path: Optional[str] = None, rounds: int = DEFAULT_ROUNDS) -> List[Result]:
     """Time every mode on the same (batch_size, 3, size, size) tensor; the first mode is the reference.
 
-    Per round and mode: one warm-up inference, then ``runs`` consecutive timed runs (SPEC §7), so that every
-    mode is timed in its steady state (its weights and buffers in the caches, as when a script runs it over
-    many images), not right after another mode evicted them."""
+    Per round and mode: one warm-up inference, then ``runs`` consecutive timed runs (SPEC §7): every mode is
+    timed in its steady state, as when a script runs it over many images."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn((batch_size, 3, size, size), generator=generator).to(device)
     hw = (size, size)
