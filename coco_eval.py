@@ -27,7 +27,7 @@ from utils.evaluation import (detections_to_coco, evaluate_coco, format_metrics,
                               metrics_to_json, run_detector_on_set)
 from utils.inference import Detector
 from utils.project import ProjectConfig, load_project
-from utils.cli import add_inference_args, run_script
+from utils.cli import add_bool_arg, add_inference_args, run_script
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -48,12 +48,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "(top-5000, per-class gaussian soft-NMS, 100 boxes; ignores the thresholds)")
     parser.add_argument("--max_images", type=int, default=None,
                         help="evaluate only the first N images of the annotation file (default all)")
-    parser.add_argument("--override", action="store_true",
-                        help="run the model even when the results file exists (default: re-score that file)")
+    add_bool_arg(parser, "--override", help="run the model even when the results file exists (default: re-score that file)")
     parser.add_argument("--output", default=".",
                         help="folder of {val_set}_bbox_results.json (default: the current directory)")
     parser.add_argument("--save_json", default=None, metavar="PATH", help="also write the metrics to PATH as JSON")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_bool_arg(parser, "--no_progress", help="no progress bar")
     add_inference_args(parser)
     return parser.parse_args(argv)
 

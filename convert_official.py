@@ -38,7 +38,7 @@ from efficientdet.anchors import OFFICIAL_RATIOS
 from efficientdet.config import MODEL_CONFIGS, ModelConfig, get_model_config
 from utils.tf_checkpoint import TFCheckpointReader
 from utils.weights import atomic_save
-from utils.cli import run_script
+from utils.cli import add_bool_arg, run_script
 
 logger = logging.getLogger("convert_official")
 
@@ -333,8 +333,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (with a 'checkpoint' file) or prefix")
     parser.add_argument("-o", "--output", required=True, help="output .pth path")
     parser.add_argument("--num_classes", type=int, default=90, help="classes of the checkpoint (90 for COCO)")
-    parser.add_argument("--raw", action="store_true",
-                        help="use the raw variables instead of their moving averages (not the released numbers)")
+    add_bool_arg(parser, "--raw", help="use the raw variables instead of their moving averages (not the released numbers)")
     return parser.parse_args(argv)
 
 

@@ -20,7 +20,7 @@ from utils.download import ensure_weights
 from utils.draw import draw_detections
 from utils.inference import Detections, Detector
 from utils.preprocess import list_images
-from utils.cli import add_inference_args, run_script
+from utils.cli import add_bool_arg, add_inference_args, run_script
 
 DEFAULT_IMAGE = str(Path(__file__).resolve().parent / "test" / "img.jpg")  # the sample shipped in the repo
 SPEED_TEST_RUNS = 10
@@ -37,8 +37,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--iou_threshold", type=float, default=0.2, help="NMS IoU threshold (suppress IoU > it)")
     parser.add_argument("--output", default="test", help="folder for the annotated images (default test/)")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (default 1)")
-    parser.add_argument("--speed_test", action="store_true",
-                        help=f"time {SPEED_TEST_RUNS} runs on the first batch after one warm-up and print FPS")
+    add_bool_arg(parser, "--speed_test", help=f"time {SPEED_TEST_RUNS} runs on the first batch after one warm-up and print FPS")
     add_inference_args(parser)
     return parser.parse_args(argv)
 

@@ -26,7 +26,7 @@ from backbone import build_model
 from utils.optimize import ExportModule, export_onnx
 from utils.project import load_project
 from utils.weights import load_weights
-from utils.cli import run_script
+from utils.cli import add_bool_arg, run_script
 
 ONNX_TOLERANCE = 1e-4
 
@@ -39,12 +39,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--input_size", type=int, nargs="+", default=None, metavar="SIDE",
                         help="input side, or height width (default: the model's)")
     parser.add_argument("--batch_size", type=int, default=1, help="batch of the exported example (default 1)")
-    parser.add_argument("--dynamic_batch", action="store_true", help="symbolic batch dimension")
-    parser.add_argument("--with_decode", action="store_true",
-                        help="include BBoxTransform + ClipBoxes: outputs boxes (x1, y1, x2, y2) and scores")
+    add_bool_arg(parser, "--dynamic_batch", help="symbolic batch dimension")
+    add_bool_arg(parser, "--with_decode", help="include BBoxTransform + ClipBoxes: outputs boxes (x1, y1, x2, y2) and scores")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("-o", "--output", default=None, help="output path (default efficientdet-d{c}.onnx)")
-    parser.add_argument("--no_check", action="store_true", help="skip the ONNX Runtime check")
+    add_bool_arg(parser, "--no_check", help="skip the ONNX Runtime check")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and of the check input")
     return parser.parse_args(argv)
 

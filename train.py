@@ -45,7 +45,7 @@ from utils.training import (CHECKPOINT_FORMAT, ModelEMA, ResumableSampler, check
                             find_last_checkpoint, freeze_backbone_and_bifpn, is_training_checkpoint,
                             load_backbone_weights, warmup_cosine_lambda)
 from utils.weights import atomic_save, load_weights, read_checkpoint
-from utils.cli import run_script
+from utils.cli import add_bool_arg, run_script
 
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before the run stops
 DEBUG_DIR = Path("test")  # --debug images, as published
@@ -58,7 +58,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("-c", "--compound_coef", type=int, default=0, help="EfficientDet D0..D7x = 0..8")
     p.add_argument("-n", "--num_workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--batch_size", type=int, default=12, help="images per batch (per process)")
-    p.add_argument("--head_only", action="store_true", help="freeze the backbone and the BiFPN")
+    add_bool_arg(p, "--head_only", help="freeze the backbone and the BiFPN")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--optim", choices=("adamw", "sgd"), default="adamw",
                    help="AdamW (published default) or SGD with Nesterov momentum 0.9 (official)")
@@ -75,21 +75,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("-w", "--load_weights", default=None,
                    help="a checkpoint path, 'last' to resume the latest run of this project, or 'none'")
     p.add_argument("--saved_path", default="logs/", help="checkpoints go to SAVED_PATH/PROJECT_NAME/")
-    p.add_argument("--debug", action="store_true", help="save training images with predicted boxes to test/")
+    add_bool_arg(p, "--debug", help="save training images with predicted boxes to test/")
     p.add_argument("--lr_schedule", choices=("plateau", "cosine"), default="plateau",
                    help="ReduceLROnPlateau(patience 3) as published, or warm-up + cosine (official)")
     p.add_argument("--warmup_epochs", type=float, default=1.0, help="cosine schedule: linear warm-up length")
-    p.add_argument("--ema", action="store_true", help="keep an EMA of the weights (decay --ema_decay)")
+    add_bool_arg(p, "--ema", help="keep an EMA of the weights (decay --ema_decay)")
     p.add_argument("--ema_decay", type=float, default=0.9998)
-    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 on CPU, fp16 on CUDA")
+    add_bool_arg(p, "--amp", help="mixed precision: bf16 on CPU, fp16 on CUDA")
     p.add_argument("--clip_grad", type=float, default=0.0, help="gradient clipping max norm (0: off; official 10)")
     p.add_argument("--input_size", type=int, default=None, help="override the model's input size (multiple of 128)")
     p.add_argument("--backbone_weights", default=None, help="ImageNet EfficientNet state_dict for the backbone")
     p.add_argument("--loss", choices=("yaep", "official"), default=None,
                    help="loss formulation (default: the project's 'loss' key, else yaep)")
-    p.add_argument("--no_flip", action="store_true", help="disable horizontal flip augmentation")
-    p.add_argument("--scale_jitter", action="store_true", help="random scale 0.1-2.0 + crop (official recipe)")
-    p.add_argument("--val_map", action="store_true", help="'best' by validation COCO mAP instead of loss")
+    add_bool_arg(p, "--no_flip", help="disable horizontal flip augmentation")
+    add_bool_arg(p, "--scale_jitter", help="random scale 0.1-2.0 + crop (official recipe)")
+    add_bool_arg(p, "--val_map", help="'best' by validation COCO mAP instead of loss")
     p.add_argument("--bn_momentum", type=float, default=None,
                    help="BatchNorm momentum while training (default: the official 0.01; from-scratch runs on small "
                         "data may prefer 0.1 so that the running statistics used at evaluation converge quickly)")

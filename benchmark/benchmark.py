@@ -40,7 +40,7 @@ from utils.optimize import InferenceModel, bf16_supported, mode_name, parse_mode
 from utils.postprocess import Detections, postprocess
 from utils.project import load_project
 from utils.weights import load_weights
-from utils.cli import keep_freed_memory, run_script
+from utils.cli import add_bool_arg, keep_freed_memory, run_script
 
 DEFAULT_RUNS = 10  # SPEC §7: one warm-up, then 10 timed runs
 DEFAULT_ROUNDS = 3
@@ -77,7 +77,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                         help="random weights: shift the class bias so that about this many anchors pass the "
                              f"threshold in eager fp32 (a confident model; default {DEFAULT_CANDIDATES})")
-    parser.add_argument("--onnx", action="store_true", help="also time an ONNX Runtime session (CPU provider)")
+    add_bool_arg(parser, "--onnx", help="also time an ONNX Runtime session (CPU provider)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and input (default 0)")
     parser.add_argument("--keep_memory", action=argparse.BooleanOptionalAction, default=True,

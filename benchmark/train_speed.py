@@ -34,7 +34,7 @@ from backbone import EfficientDetBackbone  # noqa: E402
 from efficientdet.loss import FocalLoss  # noqa: E402
 from efficientnet.utils import Conv2dStaticSamePadding  # noqa: E402
 from train import ModelWithLoss  # noqa: E402
-from utils.cli import keep_freed_memory  # noqa: E402
+from utils.cli import add_bool_arg, keep_freed_memory  # noqa: E402
 
 WARMUP = 3  # untimed steps per variant
 
@@ -46,7 +46,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 3 warm-up steps)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_bool_arg(p, "--json", help="print JSON instead of a table")
     return p.parse_args(argv)
 
 

@@ -7,16 +7,43 @@ import ctypes.util
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, Optional, Union
 
 KEEP_MEMORY_ENV = "EFFDET_KEEP_MEMORY"  # "0" turns the allocator tuning of run_script off
+
+_TRUE = ("true", "1", "yes", "y", "on")
+_FALSE = ("false", "0", "no", "n", "off")
+
+
+def boolean_string(value: Union[str, bool]) -> bool:
+    """``"True"``/``"False"`` (the published scripts' form), also ``true/false``, ``1/0``, ``yes/no``, ``on/off``.
+
+    Raises ValueError naming the value otherwise (argparse turns it into "invalid boolean_string value").
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"not a valid boolean string: {value!r} (use True or False)")
+
+
+def add_bool_arg(parser: argparse.ArgumentParser, *flags: str, default: Optional[bool] = False,
+                 help: str = "") -> argparse.Action:
+    """A boolean option that takes every published form: ``--flag`` (True), ``--flag True/False``,
+    ``--flag true/false/1/0``. ``default`` may be None to tell "not given" from an explicit value."""
+    shown = "" if default is None else f" (default {default})"
+    return parser.add_argument(*flags, type=boolean_string, nargs="?", const=True, default=default,
+                               metavar="BOOL", help=help + shown)
 
 
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
     """The options of the shared inference path (:class:`utils.inference.Detector`) that every detecting
     script takes: ``--device``, ``--float16``, ``--mode``, ``--input_size``."""
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or N (default: CUDA when available)")
-    parser.add_argument("--float16", action="store_true", help="half-precision network (CUDA only)")
+    add_bool_arg(parser, "--float16", help="half-precision network (CUDA only)")
     parser.add_argument("--mode", default="eager",
                         help="inference mode: eager (default), fused, channels_last, trace, bf16, fp16 joined with + "
                              "(e.g. fused+channels_last+trace), or fastest; see utils/optimize.py")
