@@ -2,16 +2,31 @@
 
     python coco_eval.py -c 0 -p coco -w weights/efficientdet-d0.pth
 
+The published command line works with its published meaning: ``-p/--project``, ``-c/--compound_coef``,
+``-w/--weights``, ``--nms_threshold``, ``--cuda BOOL`` (default True: CUDA when there is one, else the CPU
+with a printed note; False: the CPU), ``--device N`` (the CUDA device index; ``cpu``, ``cuda``, ``cuda:N``
+also work), ``--float16 BOOL`` and ``--override BOOL`` (default True: run the model and overwrite the
+results file). Booleans take ``True``/``False`` (also ``true/false``, ``1/0``; a bare ``--flag`` is True).
+
 Dataset layout (as the published script):
 
 - images:      ``{data_path}/{project_name}/{val_set}/*.jpg``
 - annotations: ``{data_path}/{project_name}/annotations/instances_{val_set}.json``
 
 The detections are written to ``{output}/{val_set}_bbox_results.json`` (``--output`` defaults to the
-current directory, where the published script writes them). When that file exists, it is re-scored
-without running the model unless ``--override`` is given (the script says which it does).
+current directory, where the published script writes them), with a provenance record beside it
+(``{val_set}_bbox_results.json.meta.json``: sha256 of the weights, of the annotation file and of the
+results, the compound coefficient, the project's name, classes, anchors and mean/std, threshold,
+nms_threshold, nms, input size, max_images, mode and float16); both are written atomically.
+
+``--override False`` re-scores the existing results file without running the model, but only when its
+provenance record proves it came from the same weights, annotations and settings; otherwise the model
+runs and one line says why (the first field that differs). The published script re-scored whatever file
+was there, even one of other weights.
+
 Prints pycocotools' 12 numbers and the AP of each class; ``--save_json`` writes them as JSON.
-The checkpoint must have the project's class count: an evaluation never skips the class layer.
+The checkpoint must have the project's class count: an evaluation never skips the class layer, and a
+checkpoint holding NaN or inf values is refused (one line naming the tensor).
 """
 from __future__ import annotations
 
@@ -19,12 +34,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
 
 from efficientdet.config import get_model_config
 from utils.device import select_device
-from utils.evaluation import (detections_to_coco, evaluate_coco, format_metrics, load_coco_annotations,
-                              metrics_to_json, run_detector_on_set)
+from utils.evaluation import (detections_to_coco, evaluate_coco, file_sha256, format_metrics, load_coco_annotations,
+                              metrics_to_json, provenance_mismatch, provenance_path, run_detector_on_set,
+                              save_results)
 from utils.inference import Detector
 from utils.project import ProjectConfig, load_project
 from utils.cli import add_bool_arg, add_inference_args, run_script
@@ -48,7 +66,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "(top-5000, per-class gaussian soft-NMS, 100 boxes; ignores the thresholds)")
     parser.add_argument("--max_images", type=int, default=None,
                         help="evaluate only the first N images of the annotation file (default all)")
-    add_bool_arg(parser, "--override", help="run the model even when the results file exists (default: re-score that file)")
+    add_bool_arg(parser, "--override", default=True,
+                 help="True: run the model and overwrite {val_set}_bbox_results.json (published); False: re-score "
+                      "that file when its provenance record shows the same weights and settings, else run the model")
+    add_bool_arg(parser, "--cuda", default=True,
+                 help="True: CUDA (device --device), or the CPU with a note where there is no CUDA; False: the CPU")
     parser.add_argument("--output", default=".",
                         help="folder of {val_set}_bbox_results.json (default: the current directory)")
     parser.add_argument("--save_json", default=None, metavar="PATH", help="also write the metrics to PATH as JSON")
@@ -73,11 +95,56 @@ def check_args(args: argparse.Namespace) -> None:
                          f"got {args.input_size}")
 
 
+def resolve_device(cuda: bool, device: Optional[str]) -> Tuple[torch.device, Optional[str]]:
+    """The device of the published ``--cuda BOOL`` and ``--device N`` (plus ours: cpu, cuda, cuda:N).
+
+    ``cuda`` False: the CPU (a bare index N is ignored, as published). ``cuda`` True with no ``device`` or
+    an index N: ``cuda:N`` (``cuda`` without N), or the CPU where this machine has no CUDA, returned with
+    a note to print. An explicit cpu / cuda / cuda:N is used as given. Returns ``(device, note or None)``;
+    ValueError (via :func:`utils.device.select_device`) for a device that does not exist here.
+    """
+    text = "" if device is None else str(device).strip().lower()
+    if not cuda:
+        if text.startswith("cuda"):
+            raise ValueError(f"--cuda False asks for the CPU, but --device {device} names a CUDA device")
+        return select_device("cpu" if text in ("", "auto") or text.isdigit() else text), None
+    if text in ("", "auto") or text.isdigit():
+        if not torch.cuda.is_available():
+            return select_device("cpu"), ("note: no CUDA device on this machine: running on the CPU "
+                                          "(--cuda False asks for the CPU)")
+        return select_device(text if text.isdigit() else "cuda"), None
+    return select_device(text), None
+
+
+def results_provenance(args: argparse.Namespace, project: ProjectConfig, weights: Path,
+                       ann_file: Path) -> Dict[str, Any]:
+    """What determines the results of this run: the fields of the provenance record (JSON-ready)."""
+    input_size = args.input_size if args.input_size is not None else get_model_config(args.compound_coef).input_size
+    return {
+        "weights_sha256": file_sha256(weights),
+        "compound_coef": args.compound_coef,
+        "project_name": project.project_name,
+        "obj_list": list(project.obj_list),
+        "anchors_scales": list(project.anchors_scales),
+        "anchors_ratios": [list(r) for r in project.anchors_ratios],
+        "mean": list(project.mean),
+        "std": list(project.std),
+        "annotations_sha256": file_sha256(ann_file),
+        "threshold": args.threshold,
+        "nms_threshold": args.nms_threshold,
+        "nms": args.nms,
+        "input_size": input_size,
+        "max_images": args.max_images,
+        "mode": args.mode,
+        "float16": bool(args.float16),
+    }
+
+
 def compute_results(args: argparse.Namespace, project: ProjectConfig, image_dir: Path, ann_file: Path,
-                    weights: Path) -> Tuple[List[int], List[Dict[str, Any]]]:
+                    weights: Path, device: torch.device) -> Tuple[List[int], List[Dict[str, Any]]]:
     """Build the model, load ``weights`` (class count must match), detect on the set: (image_ids, records)."""
     detector = Detector.from_checkpoint(args.compound_coef, weights, project, input_size=args.input_size,
-                                        device=select_device(args.device), float16=args.float16,
+                                        device=device, float16=args.float16,
                                         threshold=args.threshold, iou_threshold=args.nms_threshold,
                                         nms=args.nms, mode=args.mode)
     image_ids, detections = run_detector_on_set(detector, image_dir, ann_file, args.batch_size,
@@ -92,23 +159,35 @@ def evaluate(args: argparse.Namespace) -> int:
     dataset = Path(args.data_path) / project.project_name
     image_dir = dataset / project.val_set
     ann_file = dataset / "annotations" / f"instances_{project.val_set}.json"
-    annotations = load_coco_annotations(ann_file)  # FileNotFoundError naming it, before any work
+    annotations = load_coco_annotations(ann_file, project.obj_list)  # FileNotFoundError naming it, before any work
     weights = Path(args.weights if args.weights else f"weights/efficientdet-d{args.compound_coef}.pth")
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}")
     results_file = Path(args.output) / f"{project.val_set}_bbox_results.json"
+    provenance = results_provenance(args, project, weights, ann_file)
 
-    if results_file.exists() and not args.override:
-        print(f"re-scoring the existing {results_file} (pass --override to run the model again)")
+    reuse = False
+    if not args.override:
+        reason = provenance_mismatch(results_file, provenance)
+        if reason is None:
+            reuse = True
+            print(f"re-scoring {results_file} without running the model: its provenance record "
+                  f"{provenance_path(results_file).name} shows the same weights and settings (--override False)")
+        else:
+            print(f"running the model although --override False: {reason}")
+
+    if reuse:
         image_ids: List[int] = [int(image["id"]) for image in annotations["images"]][:args.max_images]
-        results = results_file
+        results: Union[Path, List[Dict[str, Any]]] = results_file
     else:
-        if not weights.is_file():
-            raise FileNotFoundError(f"weights file not found: {weights}")
-        image_ids, results = compute_results(args, project, image_dir, ann_file, weights)
-        results_file.parent.mkdir(parents=True, exist_ok=True)
-        results_file.write_text(json.dumps(results), encoding="utf-8")
+        device, note = resolve_device(args.cuda, args.device)
+        if note:
+            print(note)
+        image_ids, results = compute_results(args, project, image_dir, ann_file, weights, device)
+        save_results(results_file, results, provenance)
         print(f"{len(results)} detections on {len(image_ids)} images written to {results_file}")
 
-    metrics = evaluate_coco(ann_file, results, image_ids)
+    metrics = evaluate_coco(ann_file, results, image_ids, project.obj_list)
     print(format_metrics(metrics, project.obj_list))
     if metrics["empty"]:
         print(f"mAP = 0: no detections above --threshold {args.threshold} on the {len(image_ids)} evaluated "
@@ -117,7 +196,8 @@ def evaluate(args: argparse.Namespace) -> int:
         report = metrics_to_json(metrics)
         report.update(compound_coef=args.compound_coef, project=project.project_name, val_set=project.val_set,
                       results_file=str(results_file), threshold=args.threshold,
-                      nms_threshold=args.nms_threshold)
+                      nms_threshold=args.nms_threshold, weights_sha256=provenance["weights_sha256"],
+                      reused_results=reuse)
         save_path = Path(args.save_json)
         save_path.parent.mkdir(parents=True, exist_ok=True)
         save_path.write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")

@@ -1,25 +1,35 @@
 """Train or fine-tune EfficientDet on a COCO-format project.
 
     python train.py -c 0 -p shape --batch_size 8 --lr 1e-4 --num_epochs 50 -w weights/efficientdet-d0.pth
+    python train.py -c 0 -p shape --head_only True -w weights/efficientdet-d0.pth   # published forms work
     python train.py -c 0 -p shape -w last                 # resume exactly where the last run stopped
     torchrun --nproc_per_node 2 train.py -c 0 -p shape    # DistributedDataParallel (NCCL / gloo)
 
 Data: ``{data_path}/{project_name}/{train_set|val_set}/*.jpg`` and
 ``{data_path}/{project_name}/annotations/instances_{set}.json``, described by ``projects/PROJECT.yml``.
-Checkpoints: ``{saved_path}/{project_name}/efficientdet-d{c}_{epoch}_{step}.pth`` (every
-``--save_interval`` steps, each epoch end, on Ctrl+C / SIGTERM) and ``..._best.pth``; all written
-atomically. Logs: tqdm, TensorBoard scalars and ``train_log.jsonl`` under ``{log_path}/{project_name}/``.
+The YAML's ``num_gpus``: 0 trains on the CPU, N > 1 starts N DistributedDataParallel processes
+(one per GPU; gloo on the CPU when ``--device cpu``); ``--batch_size`` is the total over them, split
+evenly (it must be a multiple of N), as in the published code.
+
+Checkpoints (``utils/checkpoints.py``): ``{saved_path}/{project_name}/efficientdet-d{c}_{epoch}_{step}.pth``
+is a plain state_dict as the published ``train.py`` wrote (EMA weights with ``--ema``), with the
+training state beside it in ``.state.pt``; written every ``--save_interval`` steps, at each epoch end
+and on Ctrl+C / SIGTERM (then the exit status is 130 / 143), plus ``..._best.pth``.
+``-w last`` resumes exactly from the most recent save; ``-w FILE.pth`` fine-tunes from its weights,
+the step counter continuing from a published-style name. On resume an explicit ``--lr``, ``--optim``
+or ``--num_epochs`` replaces the saved one (logged); a changed optimizer starts with fresh state.
+Logs: tqdm, TensorBoard scalars and ``train_log.jsonl`` under ``{log_path}/{project_name}/``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import signal
+import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -34,6 +44,9 @@ from backbone import EfficientDetBackbone, build_model
 from efficientdet.config import get_model_config
 from efficientdet.dataset import create_dataloaders
 from efficientdet.loss import FocalLoss
+from utils.checkpoints import (LEGACY_FORMAT, ResumePoint, best_name, checkpoint_name, find_resume_point,
+                               save_checkpoint, save_weights, step_from_name)
+from utils.cli import add_bool_arg, run_script
 from utils.device import select_device
 from utils.draw import draw_detections
 from utils.evaluation import evaluate_detector
@@ -41,14 +54,16 @@ from utils.inference import Detector
 from utils.plot import plot_training_log
 from utils.postprocess import postprocess
 from utils.project import ProjectConfig, load_project
-from utils.training import (CHECKPOINT_FORMAT, ModelEMA, ResumableSampler, checkpoint_name,
-                            find_last_checkpoint, freeze_backbone_and_bifpn, is_training_checkpoint,
-                            load_backbone_weights, warmup_cosine_lambda)
-from utils.weights import atomic_save, load_weights, read_checkpoint
-from utils.cli import add_bool_arg, run_script
+from utils.training import (FiniteGuard, Interrupted, ModelEMA, ModelWithLoss, ResumableSampler, StopRequest,
+                            freeze_backbone_and_bifpn, load_backbone_weights, warmup_cosine_lambda)
+from utils.weights import extract_state_dict, load_weights, read_checkpoint, remove_stale_temp_files
 
-MAX_BAD_STEPS = 10  # consecutive non-finite losses before the run stops
+MAX_BAD_STEPS = 10  # consecutive non-finite steps before the run stops
 DEBUG_DIR = Path("test")  # --debug images, as published
+# Settings a resumed run takes from its checkpoint unless given on the command line.
+RESUMED_DEFAULTS = {"lr": 1e-4, "optim": "adamw", "num_epochs": 500}
+
+__all__ = ["ModelWithLoss", "Trainer", "parse_args", "main"]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -57,14 +72,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("-p", "--project", default="coco", help="projects/PROJECT.yml, or a path to a YAML file")
     p.add_argument("-c", "--compound_coef", type=int, default=0, help="EfficientDet D0..D7x = 0..8")
     p.add_argument("-n", "--num_workers", type=int, default=2, help="DataLoader workers")
-    p.add_argument("--batch_size", type=int, default=12, help="images per batch (per process)")
+    p.add_argument("--batch_size", type=int, default=12,
+                   help="images per step in total; split evenly over the processes of num_gpus / torchrun")
     add_bool_arg(p, "--head_only", help="freeze the backbone and the BiFPN")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--optim", choices=("adamw", "sgd"), default="adamw",
-                   help="AdamW (published default) or SGD with Nesterov momentum 0.9 (official)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4; on resume: the saved one)")
+    p.add_argument("--optim", type=str.lower, choices=("adamw", "sgd"), default=None,
+                   help="adamw (default) or sgd (Nesterov momentum 0.9, the official recipe); the published "
+                        "advice: adamw until the very final stage, then sgd. On resume: the saved one")
     p.add_argument("--weight_decay", type=float, default=None,
                    help="default: the optimizer's own (AdamW 1e-2, SGD 0); official recipe 4e-5")
-    p.add_argument("--num_epochs", type=int, default=500)
+    p.add_argument("--num_epochs", type=int, default=None, help="epochs in total (default 500; on resume: saved)")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps in total (0: no limit)")
     p.add_argument("--val_interval", type=int, default=1, help="validate every N epochs")
     p.add_argument("--save_interval", type=int, default=500, help="checkpoint every N steps")
@@ -73,7 +90,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--data_path", default="datasets/", help="root holding PROJECT_NAME/ dataset folders")
     p.add_argument("--log_path", default="logs/")
     p.add_argument("-w", "--load_weights", default=None,
-                   help="a checkpoint path, 'last' to resume the latest run of this project, or 'none'")
+                   help="'last' (or 'latest') resumes this project's run exactly; a .pth fine-tunes from its weights; "
+                        "'none' starts from scratch")
     p.add_argument("--saved_path", default="logs/", help="checkpoints go to SAVED_PATH/PROJECT_NAME/")
     add_bool_arg(p, "--debug", help="save training images with predicted boxes to test/")
     p.add_argument("--lr_schedule", choices=("plateau", "cosine"), default="plateau",
@@ -90,40 +108,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add_bool_arg(p, "--no_flip", help="disable horizontal flip augmentation")
     add_bool_arg(p, "--scale_jitter", help="random scale 0.1-2.0 + crop (official recipe)")
     add_bool_arg(p, "--val_map", help="'best' by validation COCO mAP instead of loss")
+    add_bool_arg(p, "--skip_bad_images", help="leave out unreadable or truncated images (counted) instead of stopping")
     p.add_argument("--bn_momentum", type=float, default=None,
                    help="BatchNorm momentum while training (default: the official 0.01; from-scratch runs on small "
                         "data may prefer 0.1 so that the running statistics used at evaluation converge quickly)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the YAML's num_gpus: 0 is the CPU, "
+                                                  "else CUDA when available)")
     return p.parse_args(argv)
-
-
-# --------------------------------------------------------------------------------------------------
-# Model with loss
-
-
-class ModelWithLoss(nn.Module):
-    """The detector and its loss in one module, so DDP wraps a single forward.
-
-    ``forward(images Tensor[B, 3, S, S], annotations Tensor[B, M, 5] (x1, y1, x2, y2, class), input
-    pixels, padded with -1)`` returns ``(cls_loss, reg_loss, outputs)`` with ``outputs`` =
-    ``(regression, classification probabilities, anchors)`` for ``--debug`` drawing.
-    """
-
-    def __init__(self, model: EfficientDetBackbone, criterion: FocalLoss) -> None:
-        super().__init__()
-        self.model = model
-        self.criterion = criterion
-
-    def forward(self, images: Tensor, annotations: Tensor):
-        model = self.model
-        model.check_input_size(int(images.shape[2]), int(images.shape[3]))
-        features = model.bifpn(model.backbone_net(images))
-        regression = model.regressor(features)
-        logits = model.classifier.forward_raw(features)
-        anchors = model.anchors(images)
-        cls_loss, reg_loss = self.criterion(logits, regression, anchors, annotations)
-        return cls_loss, reg_loss, (regression, logits, anchors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,14 +127,11 @@ class RunState:
     epoch: int = 0              # current epoch (0-based)
     step: int = 0               # optimizer steps done in total
     epoch_step: int = 0         # batches done in the current epoch
-    best_metric: float = math.inf
+    best_metric: float = float("inf")
     best_epoch: int = -1
     bad_steps: int = 0
     skipped_steps: int = 0
-
-
-class Interrupted(Exception):
-    """Raised by the signal handler's flag check: save and stop."""
+    pending_val: bool = False   # the finished epoch still needs its validation (interrupted during it)
 
 
 def distributed_context() -> Tuple[int, int, int]:
@@ -158,6 +147,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, numpy and torch RNG states in types ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       gauss], "python": random.getstate()}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def build_optimizer(args: argparse.Namespace, params) -> torch.optim.Optimizer:
@@ -179,76 +183,139 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(total, warmup))
 
 
-def resolve_weights(args: argparse.Namespace, run_dir: Path) -> Optional[Path]:
+def resolve_weights(args: argparse.Namespace, run_dir: Path) -> Optional[ResumePoint]:
+    """``-w``: None (from scratch), ``last``/``latest`` (exact resume), or a file (fine-tune; a file in
+    the previous single-file checkpoint format resumes exactly, as it used to)."""
     value = args.load_weights
     if value is None or str(value).lower() == "none":
         return None
-    if value == "last":
-        return find_last_checkpoint(run_dir, args.compound_coef)
+    if str(value).lower() in ("last", "latest"):
+        return find_resume_point(run_dir, args.compound_coef)
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    return path
+    checkpoint = read_checkpoint(path)
+    return ResumePoint(path, checkpoint if checkpoint.get("format") == LEGACY_FORMAT else None)
+
+
+def resolve_settings(args: argparse.Namespace, saved: Optional[Dict[str, Any]], log) -> argparse.Namespace:
+    """Fill ``--lr``, ``--optim``, ``--num_epochs``: the command line's when given (logged when it replaces
+    a saved value), else the resumed run's, else the defaults."""
+    settings = argparse.Namespace(**vars(args))
+    config = (saved or {}).get("config") or {}
+    for key, default in RESUMED_DEFAULTS.items():
+        given, before = getattr(args, key), config.get(key)
+        if given is None:
+            setattr(settings, key, before if before is not None else default)
+        elif before is not None and given != before:
+            log(f"--{key} {given} replaces the resumed run's {before}")
+    return settings
 
 
 class Trainer:
     """One training run (one process of a DDP group)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, args: argparse.Namespace, stop: Optional[StopRequest] = None) -> None:
         self.rank, self.world, self.local_rank = distributed_context()
         self.is_main = self.rank == 0
-        if self.world > 1:
-            backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
-            if not dist.is_initialized():
-                dist.init_process_group(backend=backend)
-            device = torch.device("cuda", self.local_rank) if backend == "nccl" else torch.device("cpu")
-        else:
-            device = select_device(args.device)
-        self.device = device
+        self.stop = stop or StopRequest()
         self.project: ProjectConfig = load_project(args.project)
+        self.device = self._select_device(args)
         self.config = get_model_config(args.compound_coef)
         self.input_size = args.input_size or self.config.input_size
-        if self.input_size % self.config.max_stride:
-            raise ValueError(f"--input_size {self.input_size} is not a multiple of {self.config.max_stride} "
-                             f"(the stride of P{self.config.max_level} in {self.config.name})")
-        top = self.input_size // self.config.max_stride
-        if args.batch_size * top * top < 2:
-            raise ValueError(f"--batch_size {args.batch_size} at input {self.input_size} leaves P{self.config.max_level} "
-                             f"{top}x{top}: BatchNorm needs more than one value per channel while training; "
-                             f"use --batch_size 2 or more, or a larger --input_size")
+        self.batch_size = self._per_process_batch(args.batch_size)
         name = self.project.project_name
         self.run_dir = Path(args.saved_path) / name
         self.log_dir = Path(args.log_path) / name
+        self.data_root = Path(args.data_path) / name
+        if self.is_main:
+            remove_stale_temp_files(self.run_dir)
+
+        resume = resolve_weights(args, self.run_dir)
+        saved = resume.state if resume is not None else None
+        self._lr_given = args.lr is not None
+        self.args = args = resolve_settings(args, saved, self.log)
         self.loss_name = args.loss or str(self.project.extra.get("loss", "yaep"))
         seed_everything(args.seed)
         # Tiny Adam second moments and activations become denormal floats, which run 10-100x slower
         # on CPUs; flushing them to zero changes nothing measurable.
         torch.set_flush_denormal(True)
 
-        self.data_root = Path(args.data_path) / name
         self.data = create_dataloaders(
-            self.project, args.data_path, self.input_size, args.batch_size, num_workers=args.num_workers,
+            self.project, args.data_path, self.input_size, self.batch_size, num_workers=args.num_workers,
             flip=not args.no_flip, scale_jitter=args.scale_jitter, seed=args.seed,
-            pin_memory=device.type == "cuda",
+            pin_memory=self.device.type == "cuda", skip_bad_images=args.skip_bad_images,
             sampler=lambda dataset, train: ResumableSampler(len(dataset), shuffle=train, seed=args.seed,
                                                              rank=self.rank, world_size=self.world))
         self.train_loader, self.val_loader = self.data.train_loader, self.data.val_loader
         self.train_sampler: ResumableSampler = self.train_loader.sampler
+        if len(self.train_loader) == 0:
+            raise ValueError(f"{self.data.train_set.annotation_file}: {len(self.data.train_set)} training images, "
+                             f"fewer than one batch of {self.batch_size}"
+                             + (f" per process ({self.world} processes)" if self.world > 1 else "")
+                             + ": lower --batch_size")
 
-        model = build_model(args.compound_coef, self.project)
+        self.model = self._build_model(args, resume)
+        self.net: nn.Module = ModelWithLoss(self.model, FocalLoss(self.loss_name, from_logits=True))
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(args, params)
+        self.scheduler = build_scheduler(args, self.optimizer, len(self.train_loader))
+        self.amp_dtype = (torch.float16 if self.device.type == "cuda" else torch.bfloat16) if args.amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=bool(args.amp and self.device.type == "cuda"))
+        self.ema = ModelEMA(self.model, args.ema_decay) if args.ema else None
+        self.writer = None
         self.state = RunState()
-        self.resume_from: Optional[Dict[str, Any]] = None
-        weights = resolve_weights(args, self.run_dir)
+        if saved is not None:
+            self._restore(saved, resume.weights)
+            self.log(f"resuming {resume.weights.name} at epoch {self.state.epoch}, step {self.state.step}, "
+                     f"lr {self.optimizer.param_groups[0]['lr']:.3g}")
+        elif resume is not None:
+            self._continue_step_count(resume.weights)
+        self.guard = FiniteGuard(self.model, self.optimizer)
+        self.rolled_back = False  # the model was just restored by the guard
+        self.confirmed = True     # the last step started from weights of a step that went well
+
+    # ---------------------------------------------------------------------------------------------
+    def _select_device(self, args: argparse.Namespace) -> torch.device:
+        if self.world > 1:
+            use_cuda = torch.cuda.is_available() and (args.device or "cuda") != "cpu"
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            return torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
+        if args.device is None and self.project.num_gpus == 0:
+            return torch.device("cpu")  # the published meaning of num_gpus: 0
+        return select_device(args.device)
+
+    def _per_process_batch(self, batch_size: int) -> int:
+        if batch_size < 1 or batch_size % self.world:
+            raise ValueError(f"--batch_size {batch_size} is the total over {self.world} processes: "
+                             f"use a positive multiple of {self.world}")
+        per_process = batch_size // self.world
+        if self.input_size % self.config.max_stride:
+            raise ValueError(f"--input_size {self.input_size} is not a multiple of {self.config.max_stride} "
+                             f"(the stride of P{self.config.max_level} in {self.config.name})")
+        top = self.input_size // self.config.max_stride
+        if per_process * top * top < 2:
+            raise ValueError(f"--batch_size {batch_size} ({per_process} per process) at input {self.input_size} "
+                             f"leaves P{self.config.max_level} {top}x{top}: BatchNorm needs more than one value per "
+                             f"channel while training; use --batch_size {2 * self.world} or more, or a larger "
+                             "--input_size")
+        return per_process
+
+    def _build_model(self, args: argparse.Namespace, resume: Optional[ResumePoint]) -> EfficientDetBackbone:
+        model = build_model(args.compound_coef, self.project)
         if args.backbone_weights:
             count = load_backbone_weights(model, args.backbone_weights)
             self.log(f"loaded {count} backbone tensors from {args.backbone_weights}")
-        if weights is not None:
-            checkpoint = read_checkpoint(weights)
-            skipped = load_weights(model, checkpoint)
-            if is_training_checkpoint(checkpoint) and not skipped:
-                self.resume_from = checkpoint
-            self.log(f"loaded weights from {weights}" + (" (class output layer re-initialised)" if skipped else ""))
+        if resume is not None:
+            skipped = load_weights(model, resume.weights)
+            if skipped and resume.state is not None:
+                raise ValueError(f"{resume.weights}: a checkpoint of {len(self.project.obj_list)} classes is needed "
+                                 "to resume this run; pass the file with -w FILE to fine-tune from it instead")
+            self.log(f"loaded weights from {resume.weights}" + (" (class output layer re-initialised)" if skipped else ""))
         if args.bn_momentum is not None:
             if not 0.0 < args.bn_momentum <= 1.0:
                 raise ValueError(f"--bn_momentum must be in (0, 1], got {args.bn_momentum}")
@@ -258,71 +325,98 @@ class Trainer:
         if args.head_only:
             frozen = freeze_backbone_and_bifpn(model)
             self.log(f"--head_only: froze {len(frozen)} backbone and BiFPN tensors")
-        if self.world > 1 and device.type == "cuda":
+        if self.world > 1 and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(device)
-        self.model = model
-        self.net = ModelWithLoss(model, FocalLoss(self.loss_name, from_logits=True))
-        if self.world > 1:
-            self.net = nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[self.local_rank] if device.type == "cuda" else None)
+        return model.to(self.device)
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(args, params)
-        self.scheduler = build_scheduler(args, self.optimizer, len(self.train_loader))
-        self.amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=bool(args.amp and device.type == "cuda"))
-        self.ema = ModelEMA(model, args.ema_decay) if args.ema else None
-        self.writer = None
-        self.stop_requested: Optional[str] = None
-        if self.resume_from is not None:
-            self._restore(self.resume_from)
-            self.log(f"resuming at epoch {self.state.epoch}, step {self.state.step}, "
-                     f"lr {self.optimizer.param_groups[0]['lr']:.3g}")
+    def _continue_step_count(self, weights: Path) -> None:
+        """``-w efficientdet-d0_9_3000.pth``: the step counter continues from the name (published)."""
+        step = step_from_name(weights)
+        if step:
+            per_epoch = len(self.train_loader)
+            self.state.step, self.state.epoch, self.state.epoch_step = step, step // per_epoch, step % per_epoch
+            self.log(f"fine-tuning from {weights.name}: the step counter continues at {step} "
+                     f"(epoch {self.state.epoch}), as the published train.py does")
 
-    # ---------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
         if self.is_main:
             tqdm.write(message)
 
-    def _checkpoint(self) -> Dict[str, Any]:
+    # ---------------------------------------------------------------------------------------------
+    def _training_state(self) -> Dict[str, Any]:
         return {
-            "format": CHECKPOINT_FORMAT,
-            "model": (self.ema.module if self.ema else self.model).state_dict(),
             "train_model": self.model.state_dict() if self.ema else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "epoch": self.state.epoch, "step": self.state.step, "epoch_step": self.state.epoch_step,
-            "best_metric": self.state.best_metric, "best_epoch": self.state.best_epoch,
-            "skipped_steps": self.state.skipped_steps,
-            "rng_torch": torch.get_rng_state(),
+            "ema": {"updates": self.ema.updates, "decay": self.ema.decay} if self.ema else None,
+            "run": asdict(self.state), "rng": rng_state(),
             "config": {k: v for k, v in vars(self.args).items()},
             "project": self.project.project_name, "compound_coef": self.args.compound_coef,
             "num_classes": self.project.num_classes, "input_size": self.input_size,
         }
 
-    def _restore(self, ckpt: Dict[str, Any]) -> None:
+    def _restore(self, ckpt: Dict[str, Any], weights_file: Path) -> None:
+        """Continue the saved run; explicit settings and a changed optimizer are handled, never a traceback."""
+        try:
+            self._restore_parts(ckpt, weights_file)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{weights_file}: incomplete training state ({type(exc).__name__}: {exc}); "
+                             "pass it with -w FILE to fine-tune from its weights") from None
+
+    def _restore_parts(self, ckpt: Dict[str, Any], weights_file: Path) -> None:
+        args = self.args
+        if int(ckpt.get("compound_coef", args.compound_coef)) != args.compound_coef:
+            raise ValueError(f"{weights_file}: saved by a D{ckpt['compound_coef']} run, not -c {args.compound_coef}")
         if ckpt.get("train_model") is not None:
             self.model.load_state_dict(ckpt["train_model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt.get("ema") is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        s = self.state
-        s.epoch, s.step, s.epoch_step = int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt["epoch_step"])
-        s.best_metric, s.best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
-        s.skipped_steps = int(ckpt.get("skipped_steps", 0))
-        torch.set_rng_state(ckpt["rng_torch"])
+        if self.ema is not None:
+            ema = ckpt.get("ema")
+            if ema:
+                module = ema.get("module") or extract_state_dict(read_checkpoint(weights_file), str(weights_file))
+                self.ema.load_state_dict({"module": module, "updates": ema["updates"], "decay": ema["decay"]})
+            else:
+                self.log("--ema: the resumed run had no EMA; it starts from the current weights")
+        saved = ckpt.get("config") or {}
+        same_optim = saved.get("optim", RESUMED_DEFAULTS["optim"]) == args.optim
+        if same_optim:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        else:
+            self.log(f"--optim {args.optim} replaces {saved.get('optim')}: the optimizer starts with fresh state")
+        restored_schedule = same_optim and saved.get("lr_schedule", "plateau") == args.lr_schedule
+        if restored_schedule:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler.is_enabled() and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        run = ckpt.get("run") or {k: ckpt[k] for k in ("epoch", "step", "epoch_step", "best_metric", "best_epoch")}
+        self.state = RunState(**{k: v for k, v in run.items() if k in RunState.__dataclass_fields__})
+        self.state.bad_steps = 0
+        if self._lr_given or not restored_schedule:
+            self._set_lr(args.lr)
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        elif "rng_torch" in ckpt:
+            torch.set_rng_state(ckpt["rng_torch"])
+
+    def _set_lr(self, lr: Optional[float]) -> None:
+        """Make the optimizer's learning rate follow ``lr`` (the resolved ``--lr``) at the resumed step."""
+        groups = self.optimizer.param_groups
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            self.scheduler.base_lrs = [lr] * len(groups)
+            self.scheduler.last_epoch = self.state.step
+            factor = self.scheduler.lr_lambdas[0](self.state.step)
+            for group in groups:
+                group["initial_lr"], group["lr"] = lr, lr * factor
+        elif abs(groups[0]["lr"] - lr) > 1e-12 * max(lr, 1e-30):
+            for group in groups:
+                group["lr"] = lr
 
     def save(self, name: Optional[str] = None) -> Optional[Path]:
+        """Weights + training state (rank 0); never a file with a non-finite tensor."""
         if not self.is_main:
             return None
         filename = name or checkpoint_name(self.args.compound_coef, self.state.epoch, self.state.step)
-        path = atomic_save(self._checkpoint(), self.run_dir / filename)
-        return path
+        weights = (self.ema.module if self.ema else self.model).state_dict()
+        return save_checkpoint(self.run_dir, filename, weights, self._training_state(), self.args.compound_coef)
 
     def _log_scalars(self, values: Dict[str, float], step: int, prefix: str) -> None:
         if not self.is_main:
@@ -351,23 +445,37 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, images: Tensor, annotations: Tensor) -> Optional[Tuple[float, float]]:
-        """One optimizer step; None (and no update) when the loss is not finite."""
+        """One optimizer step; None when the loss or the updated weights are not finite, in which case
+        the model (BN statistics included) and the optimizer are back at the start of the last good step
+        (see :class:`FiniteGuard`)."""
+        self.guard.begin()
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             cls_loss, reg_loss, outputs = self.net(images, annotations)
         self.last_outputs = tuple(t.detach() for t in outputs)
         loss = cls_loss + reg_loss
-        if not bool(torch.isfinite(loss)):
-            return None
+        if not self._on_all_ranks(bool(torch.isfinite(loss))):
+            return self._roll_back()
         self.scaler.scale(loss).backward()
         if self.args.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if not self.guard.is_finite():
+            return self._roll_back()
+        self.guard.accept()
+        # A good step from weights just restored proves nothing about the step that failed after it,
+        # so it does not end a run of bad steps.
+        self.confirmed, self.rolled_back = not self.rolled_back, False
         if self.ema is not None:
             self.ema.update(self.model)
         return float(cls_loss.detach()), float(reg_loss.detach())
+
+    def _roll_back(self) -> None:
+        self.guard.restore()
+        self.rolled_back, self.confirmed = True, False
+        return None
 
     @torch.no_grad()
     def validate(self) -> Dict[str, float]:
@@ -377,14 +485,17 @@ class Trainer:
         was_training = self.model.training
         eval_model.eval()
         cls_total, reg_total, batches = 0.0, 0.0, 0
-        for batch in tqdm(self.val_loader, desc="val", leave=False, disable=not self.is_main):
-            images, annotations = batch["img"].to(self.device), batch["annot"].to(self.device)
-            with self._autocast():
-                cls_loss, reg_loss, _ = eval_net(images, annotations)
-            cls_total += float(cls_loss)
-            reg_total += float(reg_loss)
-            batches += 1
-        self.model.train(was_training)
+        try:
+            for batch in tqdm(self.val_loader, desc="val", leave=False, disable=not self.is_main):
+                self._check_stop()
+                images, annotations = batch["img"].to(self.device), batch["annot"].to(self.device)
+                with self._autocast():
+                    cls_loss, reg_loss, _ = eval_net(images, annotations)
+                cls_total += float(cls_loss)
+                reg_total += float(reg_loss)
+                batches += 1
+        finally:
+            self.model.train(was_training)
         totals = torch.tensor([cls_total, reg_total, float(batches)], dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(totals)
@@ -406,7 +517,7 @@ class Trainer:
         set_name = self.project.val_set
         metrics, _ = evaluate_detector(detector, self.data_root / set_name,
                                        self.data_root / "annotations" / f"instances_{set_name}.json",
-                                       self.project.obj_list, batch_size=self.args.batch_size)
+                                       self.project.obj_list, batch_size=self.batch_size)
         return float(metrics["AP"])
 
     def _save_debug_image(self, images: Tensor) -> None:
@@ -423,51 +534,69 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(path), canvas)
 
-    def _handle_signal(self, signum, _frame) -> None:
-        self.stop_requested = signal.Signals(signum).name
+    def _on_all_ranks(self, value: bool) -> bool:
+        """``value`` and-ed over the DDP ranks (they must all take the same branch)."""
+        if self.world == 1:
+            return value
+        flag = torch.tensor([1.0 if value else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def _check_stop(self) -> None:
+        """Raise :class:`Interrupted` when a stop signal arrived (on any rank: all ranks stop together)."""
+        if not self._on_all_ranks(not self.stop.requested):
+            raise Interrupted(self.stop.name or "stop signal")
+
+    def _resume_hint(self) -> str:
+        return f"python train.py -c {self.args.compound_coef} -p {self.args.project} -w last"
 
     def run(self) -> int:
-        previous = {sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        """Train; returns the exit status (0, 1 after non-finite losses, 130/143 after a signal)."""
         self.model.train()
         if self.is_main:
             self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.stop.deferred = True
         try:
             return self._loop()
         except Interrupted:
             path = self.save()
-            self.log(f"{self.stop_requested}: checkpoint saved to {path}; resume with -w last")
-            return 0
+            self.log(f"{self.stop.name or 'stop'}: checkpoint saved to {path}; resume with: {self._resume_hint()}")
+            return self.stop.exit_code or 130
+        except ValueError as exc:  # bad data found mid-run (maybe in a loader worker): keep the work, then report
+            reason = str(exc).strip().splitlines()[-1].removeprefix("ValueError: ")
+            try:
+                path = self.save()
+            except (ValueError, OSError):
+                raise ValueError(reason) from None
+            raise ValueError(f"{reason} (checkpoint saved to {path}; fix the data, then resume with: "
+                             f"{self._resume_hint()})") from None
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if self.writer is not None:
                 self.writer.close()
 
     def _loop(self) -> int:
         args, state = self.args, self.state
+        if state.pending_val:
+            self._end_of_epoch(state.epoch - 1, save=False)
         while state.epoch < args.num_epochs:
-            self.train_sampler.set_epoch(state.epoch, state.epoch_step * args.batch_size)
+            self._check_stop()
+            self.train_sampler.set_epoch(state.epoch, state.epoch_step * self.batch_size)
             self.data.train_set.set_epoch(state.epoch)
             epoch_losses: List[float] = []
             bar = tqdm(self.train_loader, disable=not self.is_main, dynamic_ncols=True,
                        desc=f"epoch {state.epoch + 1}/{args.num_epochs}",
                        initial=state.epoch_step, total=state.epoch_step + len(self.train_loader))
             for batch in bar:
-                if self.stop_requested:
-                    raise Interrupted()
+                self._check_stop()
                 images, annotations = batch["img"].to(self.device), batch["annot"].to(self.device)
                 losses = self.train_step(images, annotations)
                 state.epoch_step += 1
                 if losses is None:
-                    state.bad_steps += 1
-                    state.skipped_steps += 1
-                    self.log(f"step {state.step}: non-finite loss, step skipped ({state.bad_steps} in a row)")
-                    if state.bad_steps >= MAX_BAD_STEPS:
-                        self.log(f"stopping: {MAX_BAD_STEPS} non-finite losses in a row; the last good "
-                                 f"checkpoint in {self.run_dir} is kept (try a lower --lr or --clip_grad 10)")
+                    if self._bad_step():
                         return 1
                     continue
-                state.bad_steps = 0
+                if self.confirmed:
+                    state.bad_steps = 0
                 state.step += 1
                 if args.lr_schedule == "cosine":
                     self.scheduler.step()
@@ -481,24 +610,44 @@ class Trainer:
                     self._save_debug_image(images)
                 if args.save_interval > 0 and state.step % args.save_interval == 0:
                     self.save()
-                if self.stop_requested:
-                    raise Interrupted()
                 if args.max_steps and state.step >= args.max_steps:
                     self.save()
                     self.log(f"reached --max_steps {args.max_steps}")
                     return 0
-            # End of epoch.
             if args.lr_schedule == "plateau" and epoch_losses:
                 self.scheduler.step(float(np.mean(epoch_losses)))
-            finished_epoch = state.epoch
             state.epoch, state.epoch_step = state.epoch + 1, 0
-            self.save(checkpoint_name(args.compound_coef, finished_epoch, state.step))
-            stop = args.val_interval > 0 and (finished_epoch + 1) % args.val_interval == 0 and \
-                self._validate_and_maybe_stop(finished_epoch)
-            self._plot_curves()
-            if stop:
+            if self._end_of_epoch(state.epoch - 1):
                 return 0
         return 0
+
+    def _bad_step(self) -> bool:
+        """Count a non-finite step (already undone); True when the run must stop."""
+        state = self.state
+        state.bad_steps += 1
+        state.skipped_steps += 1
+        self.log(f"step {state.step + 1}: non-finite loss or weights; step undone and skipped "
+                 f"({state.bad_steps} in a row)")
+        if state.bad_steps < MAX_BAD_STEPS:
+            return False
+        lr = self.optimizer.param_groups[0]["lr"]
+        path = self.save()
+        self.log(f"stopping: {MAX_BAD_STEPS} non-finite steps in a row at lr {lr:.3g}. The last weights that gave "
+                 f"a finite loss are saved as {path}; resume from them with a lower learning rate: "
+                 f"{self._resume_hint()} --lr {lr / 10:.3g} (or add --clip_grad 10)")
+        return True
+
+    def _end_of_epoch(self, finished_epoch: int, save: bool = True) -> bool:
+        """Checkpoint, validate (every ``--val_interval`` epochs), plot; True to stop early."""
+        args, state = self.args, self.state
+        due = args.val_interval > 0 and (finished_epoch + 1) % args.val_interval == 0
+        state.pending_val = due
+        if save:
+            self.save(checkpoint_name(args.compound_coef, finished_epoch, state.step))
+        stop = due and self._validate_and_maybe_stop(finished_epoch)
+        state.pending_val = False
+        self._plot_curves()
+        return stop
 
     def _validate_and_maybe_stop(self, epoch: int) -> bool:
         args, state = self.args, self.state
@@ -509,19 +658,87 @@ class Trainer:
         self.log(f"val epoch {epoch + 1}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
         if value + args.es_min_delta < state.best_metric:
             state.best_metric, state.best_epoch = value, epoch
-            self.save(f"efficientdet-d{args.compound_coef}_best.pth")
+            if self.is_main:
+                save_weights((self.ema.module if self.ema else self.model).state_dict(),
+                             self.run_dir / best_name(args.compound_coef))
         if args.es_patience > 0 and epoch - state.best_epoch > args.es_patience:
             self.log(f"early stopping at epoch {epoch + 1}: best {key} at epoch {state.best_epoch + 1}")
             return True
         return False
 
 
-def run(args: argparse.Namespace) -> int:
+# --------------------------------------------------------------------------------------------------
+# Processes
+
+
+def train_process(args: argparse.Namespace) -> int:
+    """One process's training, signals handled from the first line (nothing to save before training)."""
+    with StopRequest() as stop:
+        try:
+            trainer = Trainer(args, stop)
+            return trainer.run()
+        except Interrupted:
+            print(f"{stop.name}: stopped before training started; nothing to save", file=sys.stderr)
+            return stop.exit_code
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    sys.exit(run_script(train_process, args))
+
+
+def launch_workers(args: argparse.Namespace, world: int) -> int:
+    """The YAML's ``num_gpus: N`` (N > 1) without torchrun: N processes on this machine, one per GPU
+    (gloo on the CPU with ``--device cpu`` or without CUDA). Signals reach them; the first failing
+    worker's exit status is returned."""
+    use_cuda = torch.cuda.is_available() and (args.device or "cuda") != "cpu"
+    if use_cuda and torch.cuda.device_count() < world:
+        raise ValueError(f"num_gpus: {world} in {args.project}, but this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s): lower num_gpus")
+    print(f"num_gpus: {world}: starting {world} training processes ({'NCCL' if use_cuda else 'gloo on the CPU'}), "
+          f"{args.batch_size // max(1, world)} images each per step")
+    context = torch.multiprocessing.get_context("spawn")
+    port = _free_port()
+    workers = [context.Process(target=_worker, args=(rank, world, port, args)) for rank in range(world)]
+    for worker in workers:
+        worker.start()
+
+    def forward(signum, _frame):  # SIGTERM to this process only (a job scheduler): pass it on
+        for worker in workers:
+            if worker.is_alive() and worker.pid:
+                os.kill(worker.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return Trainer(args).run()
+        for worker in workers:
+            worker.join()
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [worker.exitcode or 0 for worker in workers]
+    return next((code for code in codes if code), 0) if all(c >= 0 for c in codes) else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    world = load_project(args.project).num_gpus
+    if world > 1 and "WORLD_SIZE" not in os.environ:
+        if args.batch_size % world:
+            raise ValueError(f"--batch_size {args.batch_size} is the total over {world} processes (num_gpus: "
+                             f"{world}): use a multiple of {world}")
+        return launch_workers(args, world)
+    return train_process(args)
 
 
 def main(args: argparse.Namespace) -> int:

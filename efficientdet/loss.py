@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,11 @@ class FocalLoss(nn.Module):
 
     Returns ``(cls_loss, reg_loss)``, 0-dim float32 tensors; ``reg_loss`` already includes
     ``box_loss_weight`` (the total training loss is ``cls_loss + reg_loss``).
+
+    The published call ``FocalLoss()(classifications, regressions, anchors, annotations, imgs=imgs,
+    obj_list=obj_list)`` works too: ``imgs`` and ``obj_list`` (the published debug drawing) are accepted and
+    ignored, since the loss does not draw (``train.py --debug`` draws instead). The published loss returned
+    ``Tensor[1]`` values; these 0-dim ones take the same ``.mean()``, ``.item()``, sums and ``.backward()``.
     """
 
     def __init__(self, formulation: str = "yaep", *, from_logits: bool = False, label_smoothing: float = 0.0,
@@ -209,8 +214,9 @@ class FocalLoss(nn.Module):
             raise ValueError(f"annotation class ids must be integers in [0, {num_classes}) or -1 (padding), "
                              f"got {labels[bad].unique().tolist()}")
 
-    def forward(self, classification: Tensor, regression: Tensor, anchors: Tensor,
-                annotations: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, classification: Tensor, regression: Tensor, anchors: Tensor, annotations: Tensor, *,
+                imgs: Optional[Tensor] = None, obj_list: Optional[Sequence[str]] = None) -> Tuple[Tensor, Tensor]:
+        del imgs, obj_list  # the published debug-drawing arguments: accepted, unused (the loss does not draw)
         self._check_inputs(classification, regression, anchors, annotations)
         dtype = torch.promote_types(torch.promote_types(classification.dtype, regression.dtype), torch.float32)
         classification = classification.to(dtype)

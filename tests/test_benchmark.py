@@ -82,3 +82,19 @@ def test_unknown_mode_is_one_line_error(capsys):
     rc = benchmark.main(benchmark.parse_args(["-c", "0", "--input_size", "128", "--modes", "warp"]))
     err = capsys.readouterr().err
     assert rc == 1 and "'warp'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_dataset_check_reports_the_check_against_loading_and_training(tmp_path, capsys):
+    from benchmark import dataset_check
+    from tests.test_train import write_tiny_project
+
+    yaml_path = write_tiny_project(tmp_path, num_train=4)
+    rc = dataset_check.main(dataset_check.parse_args(
+        ["-p", str(yaml_path), "--data_path", str(tmp_path / "datasets"), "--input_size", "128",
+         "--batch_size", "2", "--repeats", "2", "--train_steps", "1", "--threads", "1", "--json"]))
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["check"]["images"] == 4 and result["check"]["problems"] == 0
+    assert result["loading"] == {**result["loading"], "batches": 2, "images": 4}
+    assert 0 < result["check"]["median_s"] < result["loading"]["seconds"] + result["estimated_epoch_s"]
+    assert result["check_share_of_epoch"] == pytest.approx(result["check"]["median_s"] / result["estimated_epoch_s"])

@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 
@@ -14,11 +15,21 @@ import torch  # noqa: E402
 
 import coco_eval  # noqa: E402
 from backbone import EfficientDetBackbone  # noqa: E402
-from utils.evaluation import STAT_NAMES  # noqa: E402
+from utils.evaluation import STAT_NAMES, provenance_path, save_results  # noqa: E402
+from utils.project import load_project  # noqa: E402
 from tests.conftest import project_yaml  # noqa: E402
 
 NUM_IMAGES = 3
 PROJECT_YAML = project_yaml("shape", ["rectangle", "circle"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small (256 px) forwards: one intra-op thread is as fast and does not stall when the 2 cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_checkpoint(path: Path, num_classes: int = 2) -> Path:
@@ -42,6 +53,15 @@ def make_checkpoint(path: Path, num_classes: int = 2) -> Path:
     weight = state[header + "pointwise_conv.conv.weight"]
     weight.zero_()
     weight[:, :, 0, 0] = ((targets + 10.0) / (constant * weight.shape[1]))[:, None]
+    torch.save(state, path)
+    return path
+
+
+def make_silent_checkpoint(path: Path, source: Path) -> Path:
+    """``source`` with every class logit at -20: no box passes any threshold (mAP 0)."""
+    state = torch.load(source, weights_only=True)
+    state["classifier.header.pointwise_conv.conv.weight"].zero_()
+    state["classifier.header.pointwise_conv.conv.bias"].fill_(-20.0)
     torch.save(state, path)
     return path
 
@@ -104,12 +124,15 @@ def test_end_to_end_results_json_and_printed_metrics(setup, capsys):
     for name in STAT_NAMES:
         assert f"= {saved[name]:0.3f}" in out
 
-    # a second run re-scores the file without the model (the weights may be gone) unless --override
+    assert saved["reused_results"] is False
+    record = json.loads(provenance_path(results_file).read_text())
+    assert record["compound_coef"] == 0 and record["obj_list"] == ["rectangle", "circle"]
+    assert record["input_size"] == 256 and record["threshold"] == 0.05 and record["nms"] == "hard"
+    assert len(record["weights_sha256"]) == 64 and len(record["annotations_sha256"]) == 64
+
+    # without the weights nothing can be proven: a clear error, even with --override False
     setup["weights"].unlink()
-    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--save_json", str(metrics_file)))) == 0
-    assert "re-scoring the existing" in capsys.readouterr().out
-    assert json.loads(metrics_file.read_text())["AP"] == saved["AP"]
-    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--override"))) == 1
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--override", "False"))) == 1
     assert "weights file not found" in capsys.readouterr().err
 
 
@@ -138,11 +161,15 @@ def test_empty_result_prints_zero_map(setup, capsys):
     assert json.loads((setup["out"] / "val_bbox_results.json").read_text()) == []
 
 
-def test_results_with_unknown_image_ids_fail(setup, capsys):
-    setup["out"].mkdir()
-    (setup["out"] / "val_bbox_results.json").write_text(json.dumps(
-        [{"image_id": 4242, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9}]))
-    assert coco_eval.main(coco_eval.parse_args(argv(setup))) == 1
+def test_reused_results_are_validated_too(setup, capsys, monkeypatch):
+    """A results file with a valid provenance record is still checked: unknown image ids are one line."""
+    args = coco_eval.parse_args(argv(setup, "--override", "False"))
+    provenance = coco_eval.results_provenance(args, load_project(setup["project"]), setup["weights"],
+                                              setup["ann_file"])
+    save_results(setup["out"] / "val_bbox_results.json",
+                 [{"image_id": 4242, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9}], provenance)
+    monkeypatch.setattr(coco_eval, "compute_results", model_must_not_run)
+    assert coco_eval.main(args) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "4242" in err
 
@@ -162,7 +189,8 @@ def test_missing_image_folder_is_one_line(setup, capsys):
 def test_parse_args_defaults():
     args = coco_eval.parse_args(["-p", "shape"])
     assert (args.compound_coef, args.threshold, args.nms_threshold, args.batch_size) == (0, 0.05, 0.5, 1)
-    assert args.data_path == "datasets/" and args.output == "." and not args.override and not args.float16
+    assert args.data_path == "datasets/" and args.output == "." and args.override is True and not args.float16
+    assert args.cuda is True and args.device is None  # published defaults: run the model, use CUDA
     assert args.max_images is None and args.input_size is None and not math.isnan(args.threshold)
 
 
@@ -177,3 +205,150 @@ def test_official_soft_nms_option(setup, capsys):
     assert per_image and max(per_image.values()) <= 100
     # Soft-NMS keeps decayed scores below the hard path's 0.05 threshold.
     assert min(r["score"] for r in results) < 0.05
+
+
+def model_must_not_run(*args, **kwargs):
+    raise AssertionError("the model ran although the results file was to be re-scored")
+
+
+def count_model_runs(monkeypatch) -> list:
+    """Wrap coco_eval.compute_results; the returned list gets one entry per model run."""
+    runs: list = []
+    real = coco_eval.compute_results
+
+    def counted(*args, **kwargs):
+        runs.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(coco_eval, "compute_results", counted)
+    return runs
+
+
+def test_weights_b_after_weights_a_gives_bs_numbers(setup, capsys):
+    """Default flags run the model: a results file left by other weights is never re-scored."""
+    results_file = setup["out"] / "val_bbox_results.json"
+    metrics_file = setup["tmp"] / "metrics.json"
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--save_json", str(metrics_file)))) == 0
+    capsys.readouterr()
+    a_metrics = json.loads(metrics_file.read_text())
+    assert a_metrics["num_detections"] > 0 and json.loads(results_file.read_text())
+
+    weights_b = make_silent_checkpoint(setup["tmp"] / "d0-silent.pth", setup["weights"])
+    args = argv(setup, "--save_json", str(metrics_file))
+    args[args.index("-w") + 1] = str(weights_b)
+    assert coco_eval.main(coco_eval.parse_args(args)) == 0
+    out = capsys.readouterr().out
+    assert "re-scoring" not in out and "mAP = 0" in out
+    b_metrics = json.loads(metrics_file.read_text())
+    assert b_metrics["num_detections"] == 0 and b_metrics["AP"] == 0.0 and b_metrics["reused_results"] is False
+    assert b_metrics["weights_sha256"] != a_metrics["weights_sha256"]
+    assert json.loads(results_file.read_text()) == []
+
+
+def test_override_false_reuses_only_matching_provenance(setup, capsys, monkeypatch):
+    metrics_file = setup["tmp"] / "metrics.json"
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--save_json", str(metrics_file)))) == 0
+    capsys.readouterr()
+    first = json.loads(metrics_file.read_text())
+
+    # same weights and settings: re-scored, the model is neither built nor run
+    monkeypatch.setattr(coco_eval, "compute_results", model_must_not_run)
+    monkeypatch.setattr(coco_eval.Detector, "from_checkpoint", model_must_not_run)
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--override", "False", "--save_json",
+                                                    str(metrics_file)))) == 0
+    out = capsys.readouterr().out
+    assert "re-scoring" in out and "without running the model" in out
+    again = json.loads(metrics_file.read_text())
+    assert again["reused_results"] is True
+    assert [again[name] for name in STAT_NAMES] == [first[name] for name in STAT_NAMES]
+    monkeypatch.undo()
+
+    # another threshold: the model runs, and one line says why
+    runs = count_model_runs(monkeypatch)
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--override", "False", "--threshold", "0.3"))) == 0
+    out = capsys.readouterr().out
+    reason = [line for line in out.splitlines() if line.startswith("running the model")]
+    assert len(runs) == 1 and len(reason) == 1 and "threshold differs" in reason[0] and "now 0.3" in reason[0]
+
+    # other weights under the same file name: the hash tells them apart
+    make_silent_checkpoint(setup["weights"], setup["weights"])
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--override", "False", "--threshold", "0.3"))) == 0
+    out = capsys.readouterr().out
+    assert len(runs) == 2 and "weights_sha256 differs" in out and "mAP = 0" in out
+
+    # another compound coefficient's record (edited here) is not reused either
+    meta = provenance_path(setup["out"] / "val_bbox_results.json")
+    meta.write_text(meta.read_text().replace('"compound_coef": 0', '"compound_coef": 1'))
+    assert coco_eval.main(coco_eval.parse_args(argv(setup, "--override", "False", "--threshold", "0.3"))) == 0
+    assert len(runs) == 3 and "compound_coef differs" in capsys.readouterr().out
+
+
+def test_published_boolean_forms(setup, capsys, monkeypatch):
+    args = coco_eval.parse_args(["-p", "shape", "--override", "True", "--cuda", "False", "--float16", "False"])
+    assert (args.override, args.cuda, args.float16) == (True, False, False)
+    args = coco_eval.parse_args(["-p", "shape", "--override", "false", "--cuda", "0", "--float16", "1", "--device", "1"])
+    assert (args.override, args.cuda, args.float16, args.device) == (False, False, True, "1")
+    assert coco_eval.parse_args(["--override", "--cuda"]).override is True
+    with pytest.raises(SystemExit):
+        coco_eval.parse_args(["--override", "maybe"])
+
+    devices = []
+    real = coco_eval.Detector.from_checkpoint
+
+    def record_device(*a, **kw):
+        devices.append(kw["device"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(coco_eval.Detector, "from_checkpoint", record_device)
+    published = [a for a in argv(setup) if a not in ("--device", "cpu")]
+    assert coco_eval.main(coco_eval.parse_args(published + ["--override", "True", "--cuda", "False",
+                                                            "--float16", "False"])) == 0
+    out = capsys.readouterr().out
+    assert devices == [torch.device("cpu")] and "note:" not in out and "Average Precision" in out
+
+    # --cuda True (the default) on a machine without CUDA: the CPU, with a note
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert coco_eval.main(coco_eval.parse_args(published + ["--cuda", "True", "--device", "0"])) == 0
+    out = capsys.readouterr().out
+    assert devices[-1] == torch.device("cpu") and "note: no CUDA device on this machine" in out
+
+
+def test_cuda_and_device_options_resolve_as_published(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert coco_eval.resolve_device(True, None) == (torch.device("cuda"), None)
+    assert coco_eval.resolve_device(True, "1") == (torch.device("cuda:1"), None)
+    assert coco_eval.resolve_device(True, "cpu") == (torch.device("cpu"), None)
+    assert coco_eval.resolve_device(False, "1") == (torch.device("cpu"), None)  # the index needs --cuda True
+    with pytest.raises(ValueError, match="--cuda False asks for the CPU, but --device cuda:1"):
+        coco_eval.resolve_device(False, "cuda:1")
+    with pytest.raises(ValueError, match="only 2 CUDA device"):
+        coco_eval.resolve_device(True, "5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device, note = coco_eval.resolve_device(True, "0")
+    assert device == torch.device("cpu") and note.startswith("note: no CUDA device")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        coco_eval.resolve_device(True, "cuda:0")  # asked for by name: no silent fallback
+
+
+def nan_checkpoint(setup) -> Tuple[Path, str]:
+    """The test checkpoint with a NaN in an early tensor and an inf in a later one: (path, early key)."""
+    state = torch.load(setup["weights"], weights_only=True)
+    keys = [k for k, v in state.items() if v.is_floating_point()]
+    first, later = keys[10], keys[-3]
+    state[later].view(-1)[0] = float("inf")
+    state[first].view(-1)[-1] = float("nan")
+    path = setup["tmp"] / "diverged.pth"
+    torch.save(state, path)
+    return path, first
+
+
+def test_non_finite_weights_are_refused(setup, capsys):
+    path, first = nan_checkpoint(setup)
+    args = argv(setup)
+    args[args.index("-w") + 1] = str(path)
+    assert coco_eval.main(coco_eval.parse_args(args)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert "diverged.pth" in err and repr(first) in err and "non-finite" in err
+    assert not (setup["out"] / "val_bbox_results.json").exists()

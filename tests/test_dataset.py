@@ -12,8 +12,10 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from efficientdet.dataset import (CocoDataset, Compose, HorizontalFlip, Normalizer, RandomScaleCrop, Resizer,
-                                  build_transform, collater, create_dataloaders, letterbox_size)
+from efficientdet.dataset import (TAIL_BYTES, Augmenter, BadImageError, CocoDataset, Compose, HorizontalFlip,
+                                  Normalizer, RandomScaleCrop, Resizer, build_transform, collater,
+                                  create_dataloaders, inspect_image_file, letterbox_size, read_image, takes_rng,
+                                  verify_image_files, verify_images)
 from tools.make_shape_dataset import make_shape_dataset, parse_args as make_shape_parse_args, main as make_shape_main
 from utils.project import load_project
 
@@ -423,24 +425,374 @@ def test_crowd_skipped(tmp_path):
 def test_missing_image(tmp_path, caplog):
     _write_set(tmp_path, [_image(0), _image(1), _image(2)], [_ann(1, 1, [1, 1, 10, 10])])
     (tmp_path / "val" / "1.png").unlink()
-    with pytest.raises(ValueError, match=r"image file not found: .*val/1\.png \(image id 1"):
-        CocoDataset(tmp_path, "val", ["rectangle"])
-    with caplog.at_level(logging.WARNING, logger="efficientdet.dataset"):
-        dataset = CocoDataset(tmp_path, "val", ["rectangle"], skip_missing=True)
-    assert dataset.image_ids == [0, 2] and dataset.skipped["missing_image"] == 1
-    assert any("1.png" in r.getMessage() for r in caplog.records)
+    for verify in (True, False):                           # existence is checked either way
+        with pytest.raises(ValueError, match=r"val/1\.png \(image id 1\): image file not found; 1 of 3 image files"):
+            CocoDataset(tmp_path, "val", ["rectangle"], verify_images=verify)
+    for option in ("skip_missing", "skip_bad_images"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="efficientdet.dataset"):
+            dataset = CocoDataset(tmp_path, "val", ["rectangle"], **{option: True})
+        assert dataset.image_ids == [0, 2] and dataset.skipped["missing_image"] == 1
+        assert [(p.image_id, p.kind) for p in dataset.bad_images] == [(1, "missing")]
+        assert any("1.png" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("content", [b"\xff\xd8\xff garbage bytes, not a JPEG" * 4, b""])
-def test_corrupt_image(tmp_path, content):
+@pytest.mark.parametrize("content, reason", [
+    (b"\xff\xd8\xff garbage bytes, not a JPEG" * 4, "corrupt JPEG header: no marker FF 20"),
+    (b"", "empty file"),
+])
+def test_corrupt_image(tmp_path, content, reason):
     images = [_image(0), {"id": 1, "file_name": "broken.jpg", "width": 64, "height": 48}]
     _write_set(tmp_path, images[:1], [])
     (tmp_path / "val" / "broken.jpg").write_bytes(content)
     _write_set(tmp_path, images, [], draw=False)
-    dataset = CocoDataset(tmp_path, "val", ["rectangle"])            # existence is checked, content at load
+    with pytest.raises(ValueError, match=rf"broken\.jpg \(image id 1\): {reason}"):
+        CocoDataset(tmp_path, "val", ["rectangle"])
+    dataset = CocoDataset(tmp_path, "val", ["rectangle"], verify_images=False)   # existence only, content at load
     assert dataset[0]["img"].shape == (48, 64, 3)
-    with pytest.raises(ValueError, match=r"cannot read image .*broken\.jpg \(image id 1\)"):
+    with pytest.raises(ValueError, match=rf"cannot read image .*broken\.jpg \(image id 1\): {reason}"):
         dataset[1]
+
+
+# ---- image checks before training ----------------------------------------------------------------------
+
+def _noise_image(seed: int, width: int = 96, height: int = 64) -> np.ndarray:
+    """A BGR uint8 image that compresses poorly (JPEG of several KiB)."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _write_jpeg_set(root: Path, count: int = 6, set_name: str = "train") -> List[Path]:
+    """``count`` 96x64 noise JPEGs ``<id>.jpg`` with one box each; their paths."""
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 96, "height": 64} for i in range(count)]
+    _write_set(root, images, [_ann(10 + i, i, [4 + i, 5, 20, 30]) for i in range(count)], set_name, draw=False)
+    paths = [root / set_name / f"{i}.jpg" for i in range(count)]
+    for i, path in enumerate(paths):
+        cv2.imwrite(str(path), _noise_image(i))
+    return paths
+
+
+def _cut(path: Path, fraction: float = 1 / 3) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * fraction)])
+
+
+@pytest.fixture()
+def no_decoding(monkeypatch):
+    """Fail the test if any image is decoded (the construction-time check must read headers only)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was decoded")
+    monkeypatch.setattr(cv2, "imdecode", refuse)
+    monkeypatch.setattr(cv2, "imread", refuse)
+
+
+def test_empty_and_truncated_images_found_at_construction(tmp_path, caplog, no_decoding):
+    paths = _write_jpeg_set(tmp_path)
+    paths[2].write_bytes(b"")
+    _cut(paths[4])
+    with pytest.raises(ValueError, match=r"train/2\.jpg \(image id 2\): empty file \(0 bytes\); 2 of 6 image files "
+                                         r".*instances_train\.json are bad \(pass skip_bad_images=True"):
+        CocoDataset(tmp_path, "train", ["rectangle"])
+    with caplog.at_level(logging.WARNING, logger="efficientdet.dataset"):
+        dataset = CocoDataset(tmp_path, "train", ["rectangle"], skip_bad_images=True)
+    assert dataset.image_ids == [0, 1, 3, 5] and dataset.skipped["bad_image"] == 2
+    assert [(p.image_id, p.kind) for p in dataset.bad_images] == [(2, "empty"), (4, "truncated")]
+    assert "no JPEG end marker (FF D9)" in dataset.bad_images[1].reason
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("2.jpg (image id 2): empty file" in m for m in messages)
+    assert any("4.jpg (image id 4): no JPEG end marker" in m for m in messages)
+    assert any("4 of 6 images" in m and "bad_image 2" in m for m in messages)       # the summary
+    np.testing.assert_allclose(dataset.load_annotations(2), [[7, 5, 27, 35, 0]])      # image 3's box
+
+    # the truncated file alone (first bad file named, count 1)
+    paths[2].write_bytes(cv2.imencode(".jpg", _noise_image(2))[1].tobytes())
+    with pytest.raises(ValueError, match=r"4\.jpg \(image id 4\): no JPEG end marker .*truncated; 1 of 6"):
+        CocoDataset(tmp_path, "train", ["rectangle"])
+
+
+def test_create_dataloaders_checks_images(tmp_path, no_decoding):
+    _write_jpeg_set(tmp_path / "shape", 6, "train")
+    val = _write_jpeg_set(tmp_path / "shape", 4, "val")
+    val[1].write_bytes(b"")
+    project = load_project("shape")
+    with pytest.raises(ValueError, match=r"val/1\.jpg \(image id 1\): empty file"):
+        create_dataloaders(project, tmp_path, 64, 2)
+    bundle = create_dataloaders(project, tmp_path, 64, 2, skip_bad_images=True)
+    assert len(bundle.train_set) == 6 and bundle.val_set.image_ids == [0, 2, 3]
+    assert bundle.val_set.skipped["bad_image"] == 1
+    unchecked = create_dataloaders(project, tmp_path, 64, 2, verify_images=False)   # no check: found at load
+    assert len(unchecked.val_set) == 4
+
+
+def test_good_images_pass(synthetic_root, shared_dir, no_decoding):
+    project = load_project("shape")
+    dataset = CocoDataset(synthetic_root, "train", project)
+    assert len(dataset) == 8 and dataset.bad_images == [] and verify_images(dataset) == []
+    info = inspect_image_file(dataset.image_path(0))
+    assert (info.format, info.width, info.height) == ("jpeg", 128, 128)
+    info = inspect_image_file(shared_dir / "data" / "coco_tiny" / "val2017" /
+                              sorted(p.name for p in (shared_dir / "data" / "coco_tiny" / "val2017").iterdir())[0])
+    assert info.format == "jpeg" and info.width > 0 and info.height > 0
+
+
+@pytest.mark.parametrize("ext, fmt, sized, checks_tail", [
+    (".jpg", "jpeg", True, True), (".png", "png", True, True), (".bmp", "bmp", True, True),
+    (".webp", "webp", True, True), (".gif", "gif", True, True), (".tiff", "tiff", False, False),
+    (".ppm", "pnm", False, False),
+])
+def test_formats_and_truncation(tmp_path, ext, fmt, sized, checks_tail):
+    image = _noise_image(0)
+    path = tmp_path / f"a{ext}"
+    try:
+        path.write_bytes(cv2.imencode(ext, image)[1].tobytes())
+    except cv2.error:
+        pytest.skip(f"this OpenCV cannot write {ext}")
+    info = inspect_image_file(path, 7)
+    assert info.format == fmt and info.size == path.stat().st_size
+    assert (info.width, info.height) == ((96, 64) if sized else (None, None))
+    assert read_image(path).shape == (64, 96, 3)
+    if checks_tail:
+        _cut(path)
+        with pytest.raises(BadImageError, match=rf"a{ext} \(image id 7\): .*truncated") as caught:
+            inspect_image_file(path, 7)
+        assert caught.value.kind == "truncated" and caught.value.image_id == 7
+        with pytest.raises(ValueError, match=rf"cannot read image .*a{ext}: .*truncated"):
+            read_image(path)
+
+
+def test_truncated_png_found_at_construction(tmp_path, no_decoding):
+    images = [_image(0), _image(1)]
+    _write_set(tmp_path, images, [])
+    _cut(tmp_path / "val" / "1.png")
+    with pytest.raises(ValueError, match=r"1\.png \(image id 1\): no PNG IEND chunk at the end of the file: truncated"):
+        CocoDataset(tmp_path, "val", ["rectangle"])
+
+
+def test_image_check_details(tmp_path):
+    path = tmp_path / "pad.jpg"
+    data = cv2.imencode(".jpg", _noise_image(1))[1].tobytes()
+    path.write_bytes(data + b"\x00" * 300)                   # trailing padding after the end marker is fine
+    assert inspect_image_file(path).format == "jpeg" and read_image(path).shape == (64, 96, 3)
+    path.write_bytes(data + b"\x00" * (TAIL_BYTES + 10))    # the end marker must lie in the tail read
+    with pytest.raises(BadImageError, match="no JPEG end marker"):
+        inspect_image_file(path)
+    path.write_bytes(data[:-2])                               # only the end marker missing
+    with pytest.raises(BadImageError, match="no JPEG end marker"):
+        inspect_image_file(path)
+    path.write_bytes(data[:200])                              # cut inside the header
+    with pytest.raises(BadImageError, match="truncated") as caught:
+        inspect_image_file(path)
+    assert caught.value.kind == "truncated"
+    path.write_text("this is not an image, " * 10)
+    with pytest.raises(BadImageError, match=r"not an image of a known format \(first bytes: 74 68 69 73"):
+        inspect_image_file(path)
+    with pytest.raises(FileNotFoundError, match=r"image file not found: .*nothing\.jpg \(image id 3\)"):
+        inspect_image_file(tmp_path / "nothing.jpg", 3)
+    with pytest.raises(BadImageError, match=r"cannot read the file") as caught:
+        inspect_image_file(tmp_path)                          # a folder
+    assert caught.value.kind == "unreadable"
+    problems = verify_image_files([(1, tmp_path / "nothing.jpg"), (2, path)], progress=False)
+    assert [(p.image_id, p.kind) for p in problems] == [(1, "missing"), (2, "unknown_format")]
+    assert str(problems[0]).endswith("nothing.jpg (image id 1): image file not found")
+
+
+def test_size_mismatch_is_a_warning(tmp_path, caplog):
+    _write_set(tmp_path, [_image(0, 64, 48)], [])
+    cv2.imwrite(str(tmp_path / "val" / "0.png"), np.zeros((40, 50, 3), np.uint8))
+    with caplog.at_level(logging.WARNING, logger="efficientdet.dataset"):
+        dataset = CocoDataset(tmp_path, "val", ["rectangle"])
+    assert len(dataset) == 1 and dataset.bad_images == []
+    assert any("1 of 1 images differ in size" in r.getMessage() and "is 50x40, listed as 64x48" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_decode_time_errors_name_the_file(tmp_path):
+    paths = _write_jpeg_set(tmp_path)
+    dataset = CocoDataset(tmp_path, "train", ["rectangle"])
+    _cut(paths[3])                                            # broken after the check
+    with pytest.raises(ValueError, match=r"cannot read image .*train/3\.jpg \(image id 3\): no JPEG end marker"):
+        dataset[3]
+    # a PNG whose header and IEND are intact but whose pixel data is corrupt: OpenCV's decode fails
+    _write_set(tmp_path, [_image(0), _image(1)], [])
+    png = bytearray(cv2.imencode(".png", _noise_image(5, 64, 48))[1].tobytes())
+    png[len(png) // 2:len(png) // 2 + 64] = bytes(64)
+    (tmp_path / "val" / "1.png").write_bytes(bytes(png))
+    dataset = CocoDataset(tmp_path, "val", ["rectangle"])    # passes the cheap check
+    with pytest.raises(BadImageError, match=r"1\.png \(image id 1\): OpenCV cannot decode it") as caught:
+        dataset[1]
+    assert caught.value.kind == "decode_failed"
+    dataset = CocoDataset(tmp_path, "train", ["rectangle"], verify_images=False)
+    paths[4].unlink()                                         # gone after the check
+    with pytest.raises(FileNotFoundError, match=r"image file not found: .*train/4\.jpg \(image id 4\)"):
+        dataset[4]
+
+
+def test_decode_failure_with_skip_bad_images_is_replaced(tmp_path, caplog):
+    paths = _write_jpeg_set(tmp_path)
+    transform = build_transform(64, MEAN, STD, train=True, scale_jitter=True)
+    dataset = CocoDataset(tmp_path, "train", ["rectangle"], transform=transform, seed=3, skip_bad_images=True)
+    reference = CocoDataset(tmp_path, "train", ["rectangle"], seed=3)
+    _cut(paths[2])
+    _cut(paths[5])                                            # the last one: its replacement wraps around to 0
+    with caplog.at_level(logging.WARNING, logger="efficientdet.dataset"):
+        sample = dataset[2]
+    assert sample["image_id"] == 3 and dataset.decode_failures == 1
+    assert any("2.jpg (image id 2): no JPEG end marker" in r.getMessage() and "skip_bad_images" in r.getMessage()
+               for r in caplog.records)
+    # image 3 with sample 2's augmentation stream, deterministic
+    expected = transform({"img": reference.load_image(3), "annot": reference.load_annotations(3), "scale": 1.0},
+                         dataset.rng(2))
+    again = dataset[2]
+    np.testing.assert_array_equal(sample["img"], expected["img"])
+    np.testing.assert_array_equal(again["img"], expected["img"])
+    np.testing.assert_array_equal(sample["annot"], expected["annot"])
+    assert dataset[5]["image_id"] == 0 and dataset.decode_failures == 2
+    assert dataset[3]["image_id"] == 3                        # good samples are untouched
+
+    # found in DataLoader workers, counted here (shared memory)
+    fresh = CocoDataset(tmp_path, "train", ["rectangle"], transform=transform, seed=3, skip_bad_images=True,
+                        verify_images=False)
+    loader = torch.utils.data.DataLoader(fresh, batch_size=3, num_workers=2, collate_fn=collater)
+    ids = [i for batch in loader for i in batch["image_id"]]
+    assert ids == [0, 1, 3, 3, 4, 0] and fresh.decode_failures == 2
+
+    for path in paths:
+        path.write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the 6 images loads"):
+        fresh[0]
+
+
+# ---- the published API ------------------------------------------------------------------------------------
+
+class _TorchvisionCompose:
+    """``torchvision.transforms.Compose`` (not installed here): one-argument calls, as its ``__call__``."""
+
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, img):
+        for t in self.transforms:
+            img = t(img)
+        return img
+
+
+def _assert_same_or_mirrored(image: np.ndarray, annot: np.ndarray, reference: dict) -> bool:
+    """``image``/``annot`` equal ``reference``'s, or its horizontal flip (before the resize); True if flipped."""
+    if np.array_equal(image, reference["img"]):
+        np.testing.assert_allclose(annot, reference["annot"], rtol=1e-6)
+        return False
+    width = round(96 * reference["scale"])                  # the content's width on the canvas
+    np.testing.assert_allclose(image[:, :width], reference["img"][:, :width][:, ::-1], atol=1e-5)
+    mirrored = reference["annot"].copy()
+    mirrored[:, [0, 2]] = width - reference["annot"][:, [2, 0]]
+    np.testing.assert_allclose(annot, mirrored, rtol=1e-5, atol=1e-4)
+    return True
+
+
+def test_published_training_snippet(tmp_path):
+    _write_jpeg_set(tmp_path / "shape", 8, "train")
+    root = str(tmp_path / "shape")
+    # the published train.py, verbatim but for the paths and the size
+    training_set = CocoDataset(root_dir=root, set="train",
+                               transform=Compose([Normalizer(mean=list(MEAN), std=list(STD)), Augmenter(),
+                                                  Resizer(64)]))
+    loader = torch.utils.data.DataLoader(training_set, batch_size=4, shuffle=False, drop_last=True,
+                                         collate_fn=collater, num_workers=0)
+    ours = CocoDataset(tmp_path / "shape", "train", load_project("shape"),
+                       transform=build_transform(64, MEAN, STD, train=False))
+    assert training_set.obj_list == ("rectangle", "circle") and training_set.labels == {0: "rectangle", 1: "circle"}
+    assert training_set.classes == {"rectangle": 0, "circle": 1} and training_set.image_ids == ours.image_ids
+    flips = []
+    for start, batch in zip((0, 4), loader):
+        assert batch["img"].shape == (4, 3, 64, 64) and batch["img"].dtype == torch.float32
+        assert batch["annot"].shape == (4, 1, 5) and batch["scale"] == [pytest.approx(64 / 96)] * 4
+        for i in range(4):
+            reference = ours[start + i]
+            image = batch["img"][i].permute(1, 2, 0).numpy()
+            flips.append(_assert_same_or_mirrored(image, batch["annot"][i].numpy(), reference))
+    assert len(flips) == 8
+
+    # seeded, the published composition gives exactly our training pipeline's batches
+    seeded = CocoDataset(root_dir=root, set="train", seed=11,
+                         transform=Compose([Normalizer(mean=MEAN, std=STD), Augmenter(), Resizer(img_size=64)]))
+    ours_train = CocoDataset(tmp_path / "shape", "train", load_project("shape"), seed=11,
+                             transform=build_transform(64, MEAN, STD, train=True))
+    for a, b in zip(torch.utils.data.DataLoader(seeded, batch_size=4, collate_fn=collater),
+                    torch.utils.data.DataLoader(ours_train, batch_size=4, collate_fn=collater)):
+        assert torch.equal(a["img"], b["img"]) and torch.equal(a["annot"], b["annot"]) and a["scale"] == b["scale"]
+
+    # torchvision's Compose calls every transform with one argument
+    one_arg = CocoDataset(root, "train", _TorchvisionCompose([Normalizer(mean=MEAN, std=STD), Augmenter(),
+                                                              Resizer(img_size=64)]))
+    assert one_arg.obj_list == ("rectangle", "circle") and one_arg.set_name == "train"
+    for index in range(len(one_arg)):
+        sample = one_arg[index]
+        _assert_same_or_mirrored(sample["img"], sample["annot"], ours[index])
+    never = _TorchvisionCompose([Normalizer(mean=MEAN, std=STD), lambda s: Augmenter()(s, flip_x=0.0), Resizer(64)])
+    sample = CocoDataset(root_dir=root, set="train", transform=never)[1]
+    np.testing.assert_array_equal(sample["img"], ours[1]["img"])
+
+
+def test_published_constructor_forms(tmp_path):
+    _write_set(tmp_path, [_image(0)], [_ann(1, 0, [1, 1, 10, 10], category_id=3)], set_name="train2017",
+               categories=[{"id": 3, "name": "c"}, {"id": 1, "name": "a"}])
+    dataset = CocoDataset(root_dir=tmp_path)                  # set defaults to 'train2017'
+    assert dataset.obj_list == ("a", "", "c") and dataset.labels == {0: "a", 2: "c"}
+    np.testing.assert_allclose(dataset.load_annotations(0), [[1, 1, 11, 11, 2]])
+    assert dataset.root_dir == tmp_path and dataset.set_name == "train2017"
+    assert CocoDataset(tmp_path, "train2017", ["a", "b", "c"]).obj_list == ("a", "b", "c")   # ours unchanged
+    with pytest.raises(FileNotFoundError, match=r"instances_val2017\.json"):
+        CocoDataset(str(tmp_path), "val2017")
+    with pytest.raises(ValueError, match="root"):
+        CocoDataset(tmp_path, root_dir=tmp_path)
+    with pytest.raises(ValueError, match="set_name or the published set"):
+        CocoDataset(tmp_path, "train2017", set="train2017")
+    _write_set(tmp_path, [_image(0)], [], set_name="nocat", categories=[])
+    with pytest.raises(ValueError, match=r"instances_nocat\.json: no obj_list given and no 'categories'"):
+        CocoDataset(tmp_path, "nocat")
+    _write_set(tmp_path, [_image(0)], [], set_name="badcat", categories=[{"id": 1, "name": ""}])
+    with pytest.raises(ValueError, match=r"instances_badcat\.json: category id 1: expected a non-empty 'name'"):
+        CocoDataset(tmp_path, "badcat")
+
+
+def test_transforms_take_one_or_two_arguments(red_box_set):
+    raw = CocoDataset(red_box_set, "val", ["rectangle"])[0]
+
+    def fresh() -> dict:
+        return {"img": raw["img"].copy(), "annot": raw["annot"].copy(), "scale": 1.0}
+
+    np.testing.assert_array_equal(Normalizer(MEAN, STD)(fresh())["img"],
+                                  Normalizer(MEAN, STD)(fresh(), np.random.default_rng(0))["img"])
+    resized = Resizer(img_size=128)(fresh())
+    assert Resizer(img_size=128).img_size == 128 and resized["img"].shape == (128, 128, 3)
+    np.testing.assert_array_equal(resized["img"], Resizer(128)(fresh(), np.random.default_rng(0))["img"])
+    assert Augmenter()(fresh(), flip_x=1.0)["annot"][0, 0] == 90          # published keyword
+    assert Augmenter()(fresh(), 0.0)["annot"][0, 0] == 30                 # published positional flip_x
+    assert HorizontalFlip(1.0)(fresh())["annot"][0, 0] == 90
+    draws = {bool(Augmenter()(fresh())["annot"][0, 0] == 90) for _ in range(40)}
+    assert draws == {True, False}                                          # fresh randomness per one-arg call
+    assert RandomScaleCrop(64)(fresh())["img"].shape == (64, 64, 3)
+    seeded = [Compose([HorizontalFlip(), RandomScaleCrop(64)])(fresh(), np.random.default_rng(4)) for _ in range(2)]
+    np.testing.assert_array_equal(seeded[0]["img"], seeded[1]["img"])
+
+    class PublishedStyle:
+        def __call__(self, sample, flip_x=0.5):
+            sample["flip_x"] = flip_x
+            return sample
+
+    assert Compose([PublishedStyle()])(fresh(), np.random.default_rng(0))["flip_x"] == 0.5   # not handed the rng
+    assert takes_rng(lambda sample, rng: sample) and takes_rng(Normalizer()) and takes_rng(Augmenter())
+    assert not takes_rng(lambda sample: sample) and not takes_rng(PublishedStyle()) and not takes_rng(print)
+
+
+def test_collater_takes_tensors():
+    rng = np.random.default_rng(0)
+    samples = [{"img": rng.random((32, 32, 3), dtype=np.float32),
+                "annot": np.arange(5 * n, dtype=np.float64).reshape(n, 5), "scale": 0.5} for n in (1, 3)]
+    as_tensors = [{"img": torch.from_numpy(s["img"]), "annot": torch.from_numpy(s["annot"]), "scale": 0.5}
+                  for s in samples]                          # what the published Resizer returns
+    a, b = collater(samples), collater(as_tensors)
+    assert torch.equal(a["img"], b["img"]) and torch.equal(a["annot"], b["annot"]) and a["scale"] == b["scale"]
+    assert b["annot"].dtype == torch.float32 and b["annot"].shape == (2, 3, 5) and torch.all(b["annot"][0, 1:] == -1)
 
 
 def test_obj_list_argument_checked(tmp_path):

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,10 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
-from utils.evaluation import (STAT_NAMES, detections_to_coco, evaluate_coco, format_metrics, load_results,
-                              metrics_to_json, run_detector_on_set)
+from utils import evaluation
+from utils.evaluation import (STAT_NAMES, detections_to_coco, evaluate_coco, file_sha256, format_metrics,
+                              load_results, metrics_to_json, provenance_mismatch, provenance_path,
+                              run_detector_on_set, save_results)
 
 
 @dataclass
@@ -311,3 +314,213 @@ def test_run_detector_on_set_batches_in_file_order(shared_dir, tmp_path):
         run_detector_on_set(RecordingDetector(), partial, ann_file, progress=False)
     with pytest.raises(FileNotFoundError, match="annotation file not found"):
         run_detector_on_set(RecordingDetector(), partial, tmp_path / "missing.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# input validation: each bad input is a one-line ValueError naming the file and the value (or, where it
+# cannot change the number, a counted warning)
+
+
+def perfect_results(data: Dict) -> List[Dict]:
+    """The non-crowd ground truth of ``data`` as COCO result records with score 1."""
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]), "score": 1.0}
+            for a in data["annotations"] if not a["iscrowd"]]
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def one_line_error(info) -> str:
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_duplicate_image_ids_in_ground_truth_raise(coco_tiny, tmp_path):
+    data = json.loads(json.dumps(coco_tiny["data"]))
+    first, second = data["images"][0], data["images"][1]
+    second["id"] = first["id"]  # two images, one id: their boxes would be pooled under one image
+    for ann in data["annotations"]:
+        if ann["image_id"] == 37777:
+            ann["image_id"] = first["id"]
+    ann_file = write_json(tmp_path / "instances_dup.json", data)
+    with pytest.raises(ValueError) as info:
+        evaluate_coco(ann_file, perfect_results(data))
+    message = one_line_error(info)
+    assert "instances_dup.json" in message and f"image id {first['id']}: duplicate id" in message
+    with pytest.raises(ValueError, match="duplicate id"):
+        run_detector_on_set(RecordingDetector(), coco_tiny["image_dir"], ann_file, progress=False)
+
+
+def test_result_image_ids_must_be_integers_of_the_annotation_file(coco_tiny, tmp_path):
+    data = coco_tiny["data"]
+    results = perfect_results(data)
+    known = results[0]["image_id"]
+    as_text = [dict(results[0], image_id=str(known))] + results[1:]  # pycocotools: a bare AssertionError
+    with pytest.raises(ValueError) as info:
+        evaluate_coco(coco_tiny["ann_file"], write_json(tmp_path / "text_ids.json", as_text))
+    message = one_line_error(info)
+    assert "text_ids.json: record 0" in message and repr(str(known)) in message and "not an integer" in message
+    with pytest.raises(ValueError, match="record 3: image_id True is not an integer"):
+        evaluate_coco(coco_tiny["ann_file"], results[:3] + [dict(results[3], image_id=True)])
+    with pytest.raises(ValueError, match="result image ids not in the annotations: 999999999"):
+        evaluate_coco(coco_tiny["ann_file"], results + [dict(results[0], image_id=999999999)])
+    # an integral float is the same id: the same number as with ints
+    as_float = [dict(r, image_id=float(r["image_id"])) for r in results]
+    assert evaluate_coco(coco_tiny["ann_file"], as_float)["AP"] == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("field, value", [("score", math.nan), ("score", math.inf), ("score", "0.9"),
+                                          ("bbox", [0.0, math.nan, 10.0, 10.0]), ("bbox", [0.0, 0.0, math.inf, 1.0])])
+def test_non_finite_scores_and_boxes_raise(coco_tiny, tmp_path, field, value):
+    results = perfect_results(coco_tiny["data"])
+    results[5] = dict(results[5], **{field: value})
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps(results))  # Python's json writes NaN / Infinity, and reads them back
+    with pytest.raises(ValueError) as info:
+        evaluate_coco(coco_tiny["ann_file"], results_file)
+    message = one_line_error(info)
+    assert f"results.json: record 5 (image_id {results[5]['image_id']})" in message
+    assert "not a finite number" in message
+    assert (repr(value) if field == "score" else ("nan" if math.nan in value or any(map(math.isnan, value))
+                                                  else "inf")) in message
+
+
+def test_negative_box_width_or_height_raises(coco_tiny, tmp_path):
+    results = perfect_results(coco_tiny["data"])
+    x, y, w, h = results[2]["bbox"]
+    flipped = dict(results[2], bbox=[x + w, y, -w, h])  # (x2, y, -w, h): a box given right to left
+    with pytest.raises(ValueError) as info:
+        evaluate_coco(coco_tiny["ann_file"], results[:2] + [flipped] + results[3:])
+    message = one_line_error(info)
+    assert "record 2" in message and "negative width or height" in message
+    zero = dict(results[2], bbox=[x, y, 0.0, h])  # an empty box is a legal (missed) detection
+    assert evaluate_coco(coco_tiny["ann_file"], results[:2] + [zero] + results[3:])["AP"] < 1.0
+    # the same rule for the ground truth
+    data = json.loads(json.dumps(coco_tiny["data"]))
+    data["annotations"][4]["bbox"][3] = -1.0
+    with pytest.raises(ValueError, match=rf"gt\.json: annotation id {data['annotations'][4]['id']} .*negative"):
+        evaluate_coco(write_json(tmp_path / "gt.json", data), results)
+
+
+def test_category_ids_outside_the_project_or_ground_truth(coco_tiny, tmp_path, caplog):
+    data = coco_tiny["data"]
+    obj_list = coco90_obj_list(data)
+    results = perfect_results(data)
+    # a category id as text never matches pycocotools' integer ids: its detections were silently dropped
+    with pytest.raises(ValueError, match=r"record 0: category_id '1' is not an integer"):
+        evaluate_coco(coco_tiny["ann_file"], [dict(results[0], category_id="1")])
+    # with the project's classes: an id beyond obj_list, or an unused ('') one, is a model/project mismatch
+    unused = obj_list.index("") + 1
+    for bad in (91, unused, 0):
+        with pytest.raises(ValueError) as info:
+            evaluate_coco(coco_tiny["ann_file"], results + [dict(results[0], category_id=bad)], obj_list=obj_list)
+        message = one_line_error(info)
+        assert f"record {len(results)}" in message and f"category_id {bad} is not a class of the project" in message
+    assert evaluate_coco(coco_tiny["ann_file"], results, obj_list=obj_list)["AP"] == pytest.approx(1.0, abs=1e-12)
+    # ground truth in a category that 'categories' does not list would be ignored by pycocotools
+    gt = json.loads(json.dumps(data))
+    gt["categories"] = [c for c in gt["categories"] if c["id"] != 1]
+    with pytest.raises(ValueError, match=r"annotation id \d+ \(annotations\[\d+\]\): category_id 1 is not in "
+                                         r"'categories'"):
+        evaluate_coco(write_json(tmp_path / "no_person.json", gt), results)
+    # ground truth numbered from 0 (a common converter slip) does not fit the project's classes
+    shifted = json.loads(json.dumps(data))
+    for category in shifted["categories"]:
+        category["id"] -= 1
+    for ann in shifted["annotations"]:
+        ann["category_id"] -= 1
+    shifted_file = write_json(tmp_path / "from_zero.json", shifted)
+    with pytest.raises(ValueError, match=r"from_zero\.json: annotation id \d+ .*category_id \d+ has no class in the "
+                                         "project.s obj_list"):
+        evaluate_coco(shifted_file, [], obj_list=obj_list)
+    # harmless: results in a project class that the annotation file does not list (no ground truth can
+    # exist there, so pycocotools' number is the same): counted in a warning
+    extra_names = list(obj_list)
+    extra_names[unused - 1] = "extra"
+    with caplog.at_level(logging.WARNING, logger="utils.evaluation"):
+        metrics = evaluate_coco(coco_tiny["ann_file"], results + [dict(results[0], category_id=unused)] * 2,
+                                obj_list=extra_names)
+    assert metrics["AP"] == pytest.approx(1.0, abs=1e-12)
+    assert f"2 result(s) have category ids absent from {coco_tiny['ann_file']} ({unused})" in caplog.text
+
+
+def test_repeated_annotation_ids_are_renumbered(coco_tiny, tmp_path, caplog):
+    """pycocotools keeps one annotation per id: two sharing an id scored perfect detections below 1."""
+    data = json.loads(json.dumps(coco_tiny["data"]))
+    plain = [a for a in data["annotations"] if not a["iscrowd"]]
+    plain[1]["id"] = plain[0]["id"]
+    plain[3]["id"] = plain[2]["id"]
+    del plain[5]["area"]  # pycocotools reads 'area' (KeyError without it): width * height is used
+    ann_file = write_json(tmp_path / "repeated.json", data)
+    with caplog.at_level(logging.WARNING, logger="utils.evaluation"):
+        metrics = evaluate_coco(ann_file, perfect_results(data))
+    assert metrics["AP"] == pytest.approx(1.0, abs=1e-12)
+    assert "2 annotation(s) repeat another's id" in caplog.text
+
+
+def test_annotations_of_unlisted_images_are_counted_and_left_out(coco_tiny, tmp_path, caplog):
+    data = json.loads(json.dumps(coco_tiny["data"]))
+    dropped = data["images"].pop(0)
+    orphans = sum(1 for a in data["annotations"] if a["image_id"] == dropped["id"])
+    ann_file = write_json(tmp_path / "subset.json", data)
+    results = [r for r in perfect_results(data) if r["image_id"] != dropped["id"]]
+    with caplog.at_level(logging.WARNING, logger="utils.evaluation"):
+        metrics = evaluate_coco(ann_file, results)
+    assert metrics["AP"] == pytest.approx(1.0, abs=1e-12) and metrics["num_images"] == len(data["images"])
+    assert f"{orphans} annotation(s) of images not listed in 'images' left out" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
+# results files and their provenance record
+
+PROVENANCE = {"weights_sha256": "a" * 64, "threshold": 0.05, "obj_list": ["rectangle", "circle"], "max_images": None}
+RECORDS = [{"image_id": 1, "category_id": 2, "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.5}]
+
+
+def test_saved_results_are_reusable_only_with_the_same_provenance(tmp_path):
+    results_file = tmp_path / "out" / "val_bbox_results.json"
+    assert provenance_mismatch(results_file, PROVENANCE) == f"no results file {results_file}"
+    meta = save_results(results_file, RECORDS, PROVENANCE)
+    assert meta == provenance_path(results_file) == tmp_path / "out" / "val_bbox_results.json.meta.json"
+    assert json.loads(results_file.read_text()) == RECORDS
+    record = json.loads(meta.read_text())
+    assert record["results_sha256"] == file_sha256(results_file) and record["obj_list"] == ["rectangle", "circle"]
+    assert provenance_mismatch(results_file, PROVENANCE) is None
+    assert provenance_mismatch(results_file, dict(PROVENANCE, obj_list=("rectangle", "circle"))) is None  # JSON form
+
+    reason = provenance_mismatch(results_file, dict(PROVENANCE, threshold=0.3))
+    assert reason.startswith("threshold differs") and "recorded 0.05, now 0.3" in reason
+    reason = provenance_mismatch(results_file, dict(PROVENANCE, weights_sha256="b" * 64))
+    assert reason.startswith("weights_sha256 differs") and "aaaaaaaaaaaa…" in reason and "\n" not in reason
+    assert provenance_mismatch(results_file, dict(PROVENANCE, mode="fused")).startswith("mode is not in")
+
+    results_file.write_text(results_file.read_text() + " ")  # the results changed under the record
+    assert "changed after its provenance record" in provenance_mismatch(results_file, PROVENANCE)
+    meta.unlink()
+    assert provenance_mismatch(results_file, PROVENANCE).startswith("no provenance record")
+    meta.write_text("{")
+    assert "unreadable provenance record" in provenance_mismatch(results_file, PROVENANCE)
+
+
+def test_interrupted_save_never_leaves_a_valid_pair(tmp_path, monkeypatch):
+    """New results written, record not (killed in between): the old record is gone, nothing is reusable."""
+    results_file = tmp_path / "val_bbox_results.json"
+    save_results(results_file, RECORDS, PROVENANCE)
+    real_replace = os.replace
+
+    def replace_results_only(source, target):  # the process dies between the two renames
+        if str(target).endswith(".meta.json"):
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(evaluation.os, "replace", replace_results_only)
+    other = [dict(RECORDS[0], score=0.9)]
+    with pytest.raises(OSError, match="No space left"):
+        save_results(results_file, other, dict(PROVENANCE, threshold=0.3))
+    assert json.loads(results_file.read_text()) == other
+    assert provenance_mismatch(results_file, PROVENANCE).startswith("no provenance record")
+    assert provenance_mismatch(results_file, dict(PROVENANCE, threshold=0.3)).startswith("no provenance record")
+    assert [p.name for p in tmp_path.iterdir()] == ["val_bbox_results.json"]  # no temporary file left

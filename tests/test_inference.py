@@ -171,7 +171,8 @@ def test_script_speed_test_prints_fps(assets, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing_image", "empty_folder", "broken_image", "missing_weights",
-                                  "other_model", "other_classes", "bad_size", "missing_project"])
+                                  "other_model", "other_classes", "bad_size", "missing_project",
+                                  "non_finite_weights"])
 def test_script_bad_input_is_one_line(assets, capsys, case, tmp_path):
     args = ["-w", assets["weights"], "-p", assets["project"], "--images", assets["images"] / "wide.png",
             "--output", tmp_path / "out", "--input_size", SIZE, "--device", "cpu"]
@@ -199,6 +200,14 @@ def test_script_bad_input_is_one_line(assets, capsys, case, tmp_path):
     elif case == "bad_size":
         args[9] = "100"
         needle = "multiples of 128"
+    elif case == "non_finite_weights":  # a diverged training run: refused in the one weight-loading path
+        state = crafted_model().state_dict()
+        keys = [k for k, v in state.items() if v.is_floating_point()]
+        state[keys[5]].view(-1)[0] = float("nan")
+        state[keys[-1]].view(-1)[0] = float("-inf")
+        torch.save(state, tmp_path / "diverged.pth")
+        args[1] = tmp_path / "diverged.pth"
+        needle = f"diverged.pth: tensor {keys[5]!r} holds non-finite values"
     else:
         args[3] = tmp_path / "nothing.yml"
         needle = "nothing.yml"

@@ -1,12 +1,14 @@
 """Project YAML (utils/project.py): the shipped projects, the anchor parser, every error path."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from utils.project import PROJECTS_DIR, REQUIRED_KEYS, load_project, parse_number_list, resolve_project_path
+from utils.project import (MAX_DEPTH, MAX_ELEMENTS, MAX_TEXT_LENGTH, PROJECTS_DIR, REQUIRED_KEYS, load_project,
+                           parse_number_list, resolve_project_path)
 
 COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 EXPECTED_SCALES = (2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0))
@@ -99,6 +101,47 @@ def test_parse_number_list(text, expected):
 def test_parse_number_list_rejects_non_arithmetic(text):
     with pytest.raises(ValueError):
         parse_number_list(text)
+
+
+def test_published_anchor_strings_parse_to_the_same_floats():
+    assert parse_number_list("[2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0)]") == list(EXPECTED_SCALES)
+    assert parse_number_list("[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]") == [list(r) for r in EXPECTED_RATIOS]
+    assert parse_number_list("[2 ** 0, 2 ** (1 / 3), 2 ** (2 / 3)]") == list(EXPECTED_SCALES)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("[(((2 ** 64) ** 64) ** 64) ** 64]", "number too large"),   # ran until MemoryError before the bounds
+    ("[((2 ** 40) ** 40) ** 40]", "number too large"),
+    ("[9 ** 9 ** 9]", "exponent too large"),
+    ("[10 ** 13]", "number too large"),
+    ("[0.001 ** -10]", "number too large"),
+    ("[123456789012345678901234567890]", "number too large"),
+    ("[1e6 * 1e6 * 10]", "number too large"),
+    ("[" + "2 * " * 100 + "1]", "nested too deeply"),
+    ("[" + ", ".join(["1.0"] * (MAX_ELEMENTS + 1)) + "]", "too many elements"),
+    ("[" * (MAX_DEPTH + 2) + "1" + "]" * (MAX_DEPTH + 2), "nested too deeply"),
+    ("[" + "-" * 900 + "1]", "too large"),
+    ("[" + "(" * 300 + "1" + ")" * 300 + "]", "nested"),
+    ("[" + "1.0, " * 300 + "1.0]", "too long"),
+])
+def test_parse_number_list_bounds_its_work(text, why):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=why) as info:
+        parse_number_list(text)
+    assert time.perf_counter() - start < 1.0  # generous: the bounds reject before any large computation
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 300
+
+
+def test_parse_number_list_limits_leave_room_for_real_lists():
+    assert parse_number_list("[10 ** 12, -(2 ** 39), 2 ** -64]") == [1e12, -float(2 ** 39), 2.0 ** -64]
+    assert len(parse_number_list("[" + ", ".join(["1.5"] * MAX_ELEMENTS) + "]")) == MAX_ELEMENTS
+    nested = "[" * (MAX_DEPTH - 1) + "2" + "]" * (MAX_DEPTH - 1)
+    value = parse_number_list(nested)
+    for _ in range(MAX_DEPTH - 2):
+        value = value[0]
+    assert value == [2.0]
+    assert len("[" + "1.0, " * 300 + "1.0]") > MAX_TEXT_LENGTH
 
 
 @pytest.mark.parametrize("key", REQUIRED_KEYS)

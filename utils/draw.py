@@ -14,15 +14,20 @@ Color = Tuple[int, int, int]
 MAX_LUMA = 200.0
 
 
+def name_to_bgr(name: str) -> Color:
+    """A CSS3 colour name (any case, e.g. ``"LawnGreen"``) -> its BGR triple; ValueError for an unknown name."""
+    rgb = webcolors.name_to_rgb(name)
+    return int(rgb.blue), int(rgb.green), int(rgb.red)
+
+
 @lru_cache(maxsize=1)
 def palette() -> Tuple[Color, ...]:
     """BGR colours from webcolors' CSS3 names, sorted by name, without very light ones (deterministic)."""
     colors = []
     seen = set()
     for name in sorted(webcolors.names("css3")):
-        rgb = webcolors.name_to_rgb(name)
-        bgr = (int(rgb.blue), int(rgb.green), int(rgb.red))
-        luma = 0.299 * rgb.red + 0.587 * rgb.green + 0.114 * rgb.blue
+        bgr = name_to_bgr(name)
+        luma = 0.299 * bgr[2] + 0.587 * bgr[1] + 0.114 * bgr[0]
         # Very light colours and aliases (grey/gray, aqua/cyan) are left out.
         if luma <= MAX_LUMA and bgr not in seen:
             seen.add(bgr)

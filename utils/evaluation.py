@@ -1,5 +1,10 @@
 """COCO-style bbox evaluation, in one place for ``coco_eval.py`` and ``train.py`` ("best = best mAP").
 
+A results file written by :func:`save_results` carries a provenance record beside it
+(``{results}.meta.json``: hashes of the weights, annotations and results, and every setting that shapes
+the detections); :func:`provenance_mismatch` tells whether an existing file may be re-scored instead of
+running the model again.
+
 The steps::
 
     image_ids, detections = run_detector_on_set(detector, image_dir, ann_file, batch_size=4)
@@ -16,15 +21,30 @@ so library code prints nothing. The 12 numbers are pycocotools' own ``COCOeval.s
 an area range has no ground truth, exactly as pycocotools reports it).
 
 Note on annotation ids: pycocotools uses annotation id 0 to mean "unmatched", so a ground-truth
-annotation whose ``id`` is 0 could never be matched (the ``shape`` dataset starts its ids at 0). The
-evaluation renumbers annotation ids (in memory, +1) when it sees an id 0.
+annotation whose ``id`` is 0 could never be matched (the ``shape`` dataset starts its ids at 0), and two
+annotations sharing an id would be read as one. The evaluation renumbers annotation ids (in memory,
+1…N, logged) when it sees an id 0 or a repeated id; ids carry no other meaning in the metric.
+
+Input is validated as strictly as training input, so that a bad file is a one-line ValueError naming
+it and the offending id or value, never a silently different number: image ids must be unique integers;
+every annotation needs an integer ``id`` and ``image_id``, a ``category_id`` listed in ``categories`` (and,
+given the project's ``obj_list``, a class of the project) and a ``bbox`` of four finite numbers with width
+and height >= 0. Result records need integer ``image_id`` (of the annotation file) and ``category_id`` (of
+the project, given ``obj_list``), a finite ``score`` and a finite ``bbox`` with width and height >= 0.
+Results in a category of the project that the annotation file does not list are harmless (pycocotools
+scores only the listed categories, and a category without ground truth would add nothing), and so are
+annotations of images that ``images`` does not list (never evaluated): both are counted in a warning.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import math
+import os
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -61,30 +81,109 @@ RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
 # reading files
 
 
-def load_coco_annotations(ann_file: PathLike) -> Dict[str, Any]:
-    """Read a COCO instances JSON and check its top-level structure.
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_id(value: Any) -> Optional[int]:
+    """``value`` as an integer id: an int, or a float with an integral value (``139.0``); else None."""
+    if _is_integer(value):
+        return int(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _box_problem(bbox: Any) -> Optional[str]:
+    """Why ``bbox`` is not a COCO ``[x, y, width, height]`` of finite numbers with width, height >= 0, or None."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return f"bbox must be [x, y, w, h], got {bbox!r}"
+    bad = [v for v in bbox if not _is_finite_number(v)]
+    if bad:
+        return f"bbox {list(bbox)!r} holds {bad[0]!r}, not a finite number"
+    if bbox[2] < 0 or bbox[3] < 0:
+        return f"bbox {list(bbox)!r} has a negative width or height"
+    return None
+
+
+def load_coco_annotations(ann_file: PathLike, obj_list: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Read a COCO instances JSON and validate what the evaluation relies on.
+
+    Args:
+        ann_file: COCO instances JSON.
+        obj_list: the project's class names; when given, every annotation's ``category_id`` must have a
+            non-empty ``obj_list[category_id - 1]`` (as training requires).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: invalid JSON, or ``images`` / ``annotations`` / ``categories`` missing or not lists.
+        ValueError: one line naming the file and the offending entry: invalid JSON; ``images`` /
+            ``annotations`` / ``categories`` missing or not lists; an image without an integer ``id`` or a
+            ``file_name``, or an image id listed twice; a category without an integer ``id``; an annotation
+            without an integer ``id`` or ``image_id``, with a ``category_id`` not in
+            ``categories`` (or not a class of ``obj_list``), or a ``bbox`` that is not four finite numbers
+            with width and height >= 0. (Annotations of images not listed in ``images`` are harmless, never
+            evaluated: :func:`evaluate_coco` leaves them out with a counted warning.)
     """
     path = Path(ann_file)
     data = read_coco_json(path, ("images", "annotations", "categories"))
+    image_ids: Dict[int, int] = {}
     for index, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
             raise ValueError(f"{path}: images[{index}] lacks 'id' or 'file_name'")
+        if not _is_integer(image["id"]):
+            raise ValueError(f"{path}: images[{index}]: key 'id': expected an integer, got {image['id']!r}")
+        if image["id"] in image_ids:
+            raise ValueError(f"{path}: image id {image['id']}: duplicate id (images[{image_ids[image['id']]}] and "
+                             f"images[{index}])")
+        image_ids[image["id"]] = index
+    category_ids = set()
+    for index, category in enumerate(data["categories"]):
+        if not isinstance(category, dict) or not _is_integer(category.get("id")):
+            raise ValueError(f"{path}: categories[{index}]: expected an object with an integer 'id', "
+                             f"got {category!r}")
+        category_ids.add(category["id"])
+    for index, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise ValueError(f"{path}: annotations[{index}]: expected an object, got {type(ann).__name__}")
+        missing = [k for k in ("id", "image_id", "category_id", "bbox") if k not in ann]
+        if missing:
+            raise ValueError(f"{path}: annotation id {ann.get('id', '?')} (annotations[{index}]): missing key "
+                             f"{missing[0]!r}")
+        where = f"{path}: annotation id {ann['id']!r} (annotations[{index}])"
+        if not _is_integer(ann["id"]):
+            raise ValueError(f"{where}: key 'id': expected an integer")
+        if not _is_integer(ann["image_id"]):
+            raise ValueError(f"{where}: key 'image_id': expected an integer, got {ann['image_id']!r}")
+        category_id = ann["category_id"]
+        if not _is_integer(category_id) or category_id not in category_ids:
+            raise ValueError(f"{where}: category_id {category_id!r} is not in 'categories'")
+        if obj_list is not None and not (1 <= category_id <= len(obj_list) and obj_list[category_id - 1]):
+            raise ValueError(f"{where}: category_id {category_id} has no class in the project's obj_list "
+                             f"({len(obj_list)} entries, obj_list[category_id - 1] must be a non-empty name)")
+        problem = _box_problem(ann["bbox"])
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        if "area" in ann and not _is_finite_number(ann["area"]):
+            raise ValueError(f"{where}: area {ann['area']!r} is not a finite number")
     return data
 
 
 def load_results(results: Union[PathLike, Sequence[Mapping[str, Any]]]) -> List[Dict[str, Any]]:
-    """COCO result records from a list or a JSON file, checked for the four keys.
+    """COCO result records from a list or a JSON file, validated.
 
-    Returns fresh dict copies (pycocotools' ``loadRes`` adds keys to the records it is given).
+    Returns fresh dict copies (pycocotools' ``loadRes`` adds keys to the records it is given), with
+    ``image_id`` and ``category_id`` as ints (``139.0`` is read as 139).
 
     Raises:
         FileNotFoundError: a path that does not exist.
-        ValueError: invalid JSON, not a list, or a record without ``image_id``/``category_id``/``bbox``
-            (4 numbers)/``score``; the message names the file and the record index.
+        ValueError: invalid JSON, not a list, or a record without ``image_id``/``category_id``/``bbox``/
+            ``score``, with an id that is not an integer, a non-finite (NaN, inf) or non-numeric ``score``
+            or ``bbox`` value, or a ``bbox`` with a negative width or height; the message names the file,
+            the record index and the value.
     """
     origin = "results"
     if isinstance(results, (str, Path)):
@@ -99,10 +198,19 @@ def load_results(results: Union[PathLike, Sequence[Mapping[str, Any]]]) -> List[
         missing = [k for k in RESULT_KEYS if k not in record]
         if missing:
             raise ValueError(f"{origin}: record {index} lacks key {missing[0]!r}")
-        bbox = record["bbox"]
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-            raise ValueError(f"{origin}: record {index}: bbox must be [x, y, w, h], got {bbox!r}")
-        records.append(dict(record))
+        record = dict(record)
+        for key in ("image_id", "category_id"):
+            value = _as_id(record[key])
+            if value is None:
+                raise ValueError(f"{origin}: record {index}: {key} {record[key]!r} is not an integer")
+            record[key] = value
+        where = f"{origin}: record {index} (image_id {record['image_id']})"
+        if not _is_finite_number(record["score"]):
+            raise ValueError(f"{where}: score {record['score']!r} is not a finite number")
+        problem = _box_problem(record["bbox"])
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        records.append(record)
     return records
 
 
@@ -184,7 +292,8 @@ def _first_few(values: Sequence[Any], count: int = 5) -> str:
 
 
 def evaluate_coco(ann_file: PathLike, results: Union[PathLike, Sequence[Mapping[str, Any]]],
-                  image_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+                  image_ids: Optional[Sequence[int]] = None,
+                  obj_list: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """pycocotools COCOeval (bbox) of ``results`` against ``ann_file``, restricted to ``image_ids``.
 
     Args:
@@ -192,6 +301,8 @@ def evaluate_coco(ann_file: PathLike, results: Union[PathLike, Sequence[Mapping[
         results: COCO result records (see :func:`detections_to_coco`) or the path of a JSON list of them.
         image_ids: the images that were evaluated (images without detections count as misses);
             ``None``: every image of ``ann_file``.
+        obj_list: the project's class names (``''`` for an unused id); when given, every result's and
+            every annotation's ``category_id`` must be a class of the project.
 
     Returns:
         A dict with the 12 stats by name (:data:`STAT_NAMES`: ``AP`` … ``ARl``, floats, ``-1.0``
@@ -203,20 +314,25 @@ def evaluate_coco(ann_file: PathLike, results: Union[PathLike, Sequence[Mapping[
 
     Raises:
         FileNotFoundError: ``ann_file`` (or the results path) does not exist.
-        ValueError: malformed files or records; result or requested image ids that are not in
-            ``ann_file`` (the message names the first few).
+        ValueError: malformed files or records (see :func:`load_coco_annotations` and
+            :func:`load_results`); result or requested image ids that are not in ``ann_file`` (the
+            message names the first few); requested image ids listed twice; with ``obj_list``, a result
+            category id that is not a class of the project.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    data = load_coco_annotations(ann_file)
+    data = _for_pycocotools(load_coco_annotations(ann_file, obj_list), ann_file)
     records = load_results(results)
+    origin = str(results) if isinstance(results, (str, Path)) else "results"
+    if obj_list is not None:
+        for index, record in enumerate(records):
+            category_id = record["category_id"]
+            if not (1 <= category_id <= len(obj_list) and obj_list[category_id - 1]):
+                raise ValueError(f"{origin}: record {index} (image_id {record['image_id']}): category_id "
+                                 f"{category_id} is not a class of the project ({len(obj_list)} entries in obj_list"
+                                 f"{', this one unused' if 1 <= category_id <= len(obj_list) else ''})")
 
-    if any(ann.get("id") == 0 for ann in data["annotations"]):
-        # pycocotools uses annotation id 0 to mean "unmatched": renumber (in memory only) so such a
-        # ground truth can be matched. Ids carry no other meaning in the metric.
-        logger.info("%s has an annotation with id 0: annotation ids shifted by 1 for pycocotools", ann_file)
-        data = dict(data, annotations=[dict(a, id=int(a["id"]) + 1) for a in data["annotations"]])
     coco_gt = COCO()
     coco_gt.dataset = data
     _quietly(coco_gt.createIndex)
@@ -228,6 +344,9 @@ def evaluate_coco(ann_file: PathLike, results: Union[PathLike, Sequence[Mapping[
         unknown = [i for i in image_ids if i not in known_ids]
         if unknown:
             raise ValueError(f"{ann_file}: evaluated image ids not in the annotations: {_first_few(unknown)}")
+        if len(set(image_ids)) != len(image_ids):
+            repeated = sorted(i for i in set(image_ids) if image_ids.count(i) > 1)
+            raise ValueError(f"evaluated image ids listed more than once: {_first_few(repeated)}")
     unknown_results = sorted({int(r["image_id"]) for r in records} - known_ids)
     if unknown_results:
         raise ValueError(f"{ann_file}: result image ids not in the annotations: {_first_few(unknown_results)} "
@@ -265,6 +384,43 @@ def evaluate_coco(ann_file: PathLike, results: Union[PathLike, Sequence[Mapping[
     metrics.update(category_names=category_names, empty=False, num_images=len(image_ids),
                    num_detections=len(records))
     return metrics
+
+
+def _for_pycocotools(data: Dict[str, Any], ann_file: PathLike) -> Dict[str, Any]:
+    """``data`` (validated by :func:`load_coco_annotations`) as pycocotools needs it, changed in memory only:
+    annotations of images not in ``images`` left out (never evaluated), annotation ids renumbered 1…N when
+    one is 0 ("unmatched" to pycocotools) or repeated (pycocotools would keep only one of them), and a
+    missing ``area`` set to the box's ``width * height`` (pycocotools reads ``area`` for its area ranges).
+    Each change is logged with its count."""
+    image_ids = {image["id"] for image in data["images"]}
+    annotations = [ann for ann in data["annotations"] if ann["image_id"] in image_ids]
+    orphans = len(data["annotations"]) - len(annotations)
+    if orphans:
+        logger.warning("%s: %d annotation(s) of images not listed in 'images' left out (never evaluated)",
+                       ann_file, orphans)
+    ids = [ann["id"] for ann in annotations]
+    repeated = len(ids) - len(set(ids))
+    no_area = sum(1 for ann in annotations if "area" not in ann)
+    if not repeated and 0 not in set(ids) and not no_area:
+        return dict(data, annotations=annotations) if orphans else data
+    if repeated:
+        logger.warning("%s: %d annotation(s) repeat another's id: annotation ids renumbered 1..%d in memory "
+                       "(ids carry no meaning in the metric)", ann_file, repeated, len(ids))
+    elif 0 in set(ids):
+        logger.info("%s has an annotation with id 0: annotation ids renumbered 1..%d for pycocotools",
+                    ann_file, len(ids))
+    if no_area:
+        logger.info("%s: %d annotation(s) without 'area': width * height of the box used", ann_file, no_area)
+    renumber = bool(repeated) or 0 in set(ids)
+    fixed = []
+    for number, ann in enumerate(annotations, start=1):
+        ann = dict(ann)
+        if renumber:
+            ann["id"] = number
+        if "area" not in ann:
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+        fixed.append(ann)
+    return dict(data, annotations=fixed)
 
 
 def _per_class_ap(coco_eval: Any) -> Dict[int, float]:
@@ -395,4 +551,115 @@ def evaluate_detector(detector: "Detector", image_dir: PathLike, ann_file: PathL
     """
     image_ids, detections = run_detector_on_set(detector, image_dir, ann_file, batch_size, max_images, progress)
     results = detections_to_coco(image_ids, detections, obj_list)
-    return evaluate_coco(ann_file, results, image_ids), results
+    return evaluate_coco(ann_file, results, image_ids, obj_list), results
+
+
+# --------------------------------------------------------------------------------------------------
+# results files and their provenance
+
+PROVENANCE_SUFFIX = ".meta.json"
+PROVENANCE_FORMAT = 1
+_HASH_CHUNK = 1 << 20
+
+
+def provenance_path(results_file: PathLike) -> Path:
+    """The provenance record of ``results_file``: ``{results_file}.meta.json`` beside it."""
+    path = Path(results_file)
+    return path.with_name(path.name + PROVENANCE_SUFFIX)
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks). FileNotFoundError naming a missing file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(data: bytes, path: Path) -> None:
+    """``data`` to ``path`` through a temporary file beside it and ``os.replace``: ``path`` holds its old
+    content or the new one, never a part. OSError naming ``path`` (the temporary file is removed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), for comparing with a stored record."""
+    return json.loads(json.dumps(value, allow_nan=False))
+
+
+def save_results(results_file: PathLike, records: Sequence[Mapping[str, Any]],
+                 provenance: Mapping[str, Any]) -> Path:
+    """Write COCO result records to ``results_file`` and their provenance record beside it.
+
+    Args:
+        results_file: the JSON list to write (its folder is created).
+        records: COCO result records (:func:`detections_to_coco`).
+        provenance: JSON-ready facts that determine ``records`` (weights hash, settings, ...); the record
+            adds ``results_sha256`` (the hash of the bytes written) and ``format``.
+
+    Both files are written atomically, the old record removed first: a results file is never paired
+    with a record of other results (and the results hash in the record catches a half-finished pair).
+    Returns the path of the provenance record.
+    """
+    results_file = Path(results_file)
+    meta_file = provenance_path(results_file)
+    data = json.dumps(list(records), allow_nan=False).encode("utf-8")
+    record = dict(_plain(dict(provenance)), format=PROVENANCE_FORMAT,
+                  results_sha256=hashlib.sha256(data).hexdigest())
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    meta_file.unlink(missing_ok=True)
+    _write_atomically(data, results_file)
+    _write_atomically(json.dumps(record, indent=2, sort_keys=True).encode("utf-8"), meta_file)
+    return meta_file
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "…"  # a sha256
+    return text if len(text) <= 60 else text[:60] + "…"
+
+
+def provenance_mismatch(results_file: PathLike, provenance: Mapping[str, Any]) -> Optional[str]:
+    """Why ``results_file`` may NOT be re-scored for ``provenance``, or None when it may.
+
+    It may when the file and its record (:func:`provenance_path`) exist, the record holds every field of
+    ``provenance`` with the same value, and the file's sha256 is the record's ``results_sha256``. The
+    reason (one line) names the first field that differs, with both values.
+    """
+    results_file = Path(results_file)
+    meta_file = provenance_path(results_file)
+    if not results_file.is_file():
+        return f"no results file {results_file}"
+    if not meta_file.is_file():
+        return f"no provenance record {meta_file} beside {results_file}"
+    try:
+        record = read_json(meta_file, "provenance record")
+    except ValueError as exc:
+        return f"unreadable provenance record ({exc})"
+    if not isinstance(record, dict):
+        return f"{meta_file}: not a provenance record"
+    if record.get("format") != PROVENANCE_FORMAT:
+        return f"{meta_file}: provenance format {record.get('format')!r}, expected {PROVENANCE_FORMAT}"
+    for key, value in _plain(dict(provenance)).items():
+        if key not in record:
+            return f"{key} is not in the provenance record {meta_file}"
+        if record[key] != value:
+            return (f"{key} differs from the provenance record of {results_file} "
+                    f"(recorded {_shown(record[key])}, now {_shown(value)})")
+    if record.get("results_sha256") != file_sha256(results_file):
+        return f"{results_file} changed after its provenance record was written (results_sha256 differs)"
+    return None

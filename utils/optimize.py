@@ -244,7 +244,9 @@ class InferenceConv2d(nn.Module):
         self._packed_count = 0
 
     def _decide_fusion(self) -> bool:
-        available = _onednn_swish_available(self.bias.device)
+        # oneDNN's bf16 kernels need AVX512-BF16/AMX (or AVX-NE-CONVERT): elsewhere F.conv2d emulates bf16.
+        available = _onednn_swish_available(self.bias.device) and (
+            self.bias.dtype != torch.bfloat16 or bf16_supported(self.bias.device))
         return available if self._fuse_request is None else bool(self._fuse_request) and available
 
     def _apply(self, fn, recurse=True):

@@ -140,21 +140,36 @@ def resized_shape(old_h: int, old_w: int, canvas_h: int, canvas_w: int) -> Tuple
     return max(new_h, 1), max(new_w, 1)
 
 
+def fit_to_canvas(image: np.ndarray, canvas_h: int, canvas_w: int, interpolation: int = cv2.INTER_LINEAR,
+                  fill: Union[None, float, Sequence[float]] = None) -> Tuple[np.ndarray, int, int]:
+    """The letterbox step alone: ``image`` (``[H, W]`` or ``[H, W, C]``, any dtype cv2.resize takes) resized
+    to :func:`resized_shape` (only when the size changes) and pasted at the top-left of a float32 canvas
+    ``[canvas_h, canvas_w, C]`` (C = 1 for ``[H, W]``) that is 0 elsewhere, or ``fill`` (per channel) when given.
+
+    Returns ``(canvas, new_h, new_w)``.
+    """
+    old_h, old_w = image.shape[:2]
+    channels = image.shape[2] if image.ndim == 3 else 1
+    new_h, new_w = resized_shape(old_h, old_w, canvas_h, canvas_w)
+    if (new_h, new_w) != (old_h, old_w):
+        image = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+    canvas = np.zeros((canvas_h, canvas_w, channels), dtype=np.float32)
+    if fill is not None:
+        canvas[...] = fill
+    canvas[:new_h, :new_w] = image.reshape(new_h, new_w, channels)  # cv2.resize drops a single channel
+    return canvas, new_h, new_w
+
+
 def normalize_and_fit(image: np.ndarray, canvas_h: int, canvas_w: int, mean: Sequence[float],
                       std: Sequence[float]) -> Tuple[np.ndarray, int, int]:
     """One BGR uint8 image ``[H, W, 3]`` -> (canvas float32 ``[canvas_h, canvas_w, 3]`` RGB normalised, new_h, new_w).
 
-    Normalises in float64 first, then resizes (cv2.INTER_LINEAR) only when the size changes, as published.
+    Normalises in float64 first, then resizes (cv2.INTER_LINEAR) only when the size changes
+    (:func:`fit_to_canvas`), as published.
     """
-    old_h, old_w = image.shape[:2]
     rgb = image[..., ::-1]
     normalized = (rgb / 255.0 - np.asarray(mean, dtype=np.float64)) / np.asarray(std, dtype=np.float64)
-    new_h, new_w = resized_shape(old_h, old_w, canvas_h, canvas_w)
-    if (new_h, new_w) != (old_h, old_w):
-        normalized = cv2.resize(normalized, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.float32)
-    canvas[:new_h, :new_w] = normalized
-    return canvas, new_h, new_w
+    return fit_to_canvas(normalized, canvas_h, canvas_w)
 
 
 def preprocess(images: ImageInput, input_size: SizeSpec, mean: Sequence[float] = DEFAULT_MEAN,

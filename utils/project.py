@@ -35,45 +35,103 @@ _BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.
                ast.Div: operator.truediv, ast.Pow: operator.pow}
 _UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
+# Bounds of the arithmetic parser: anything beyond is a ValueError before any large computation, so a
+# hostile or mistyped YAML string ('[(((2 ** 64) ** 64) ** 64) ** 64]') fails at once instead of
+# exhausting memory. The published anchor strings are far inside them.
+MAX_TEXT_LENGTH = 1000      # characters of one string
+MAX_DEPTH = 16              # nesting of brackets and operations
+MAX_ELEMENTS = 100          # list / tuple elements, all levels together
+MAX_NODES = 400             # syntax-tree nodes
+MAX_MAGNITUDE = 1e12        # |x| of every literal and intermediate result
+MAX_EXPONENT = 64           # |exponent| of **
+
 Number = Union[int, float]
 
 
-def _evaluate(node: ast.AST, text: str) -> Any:
+def _short(text: str, limit: int = 60) -> str:
+    """``text`` for an error message: repr, cut to ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"… ({len(text)} characters)"
+
+
+def _bounded(value: Any, text: str) -> Number:
+    """``value`` when it is a real number with ``|value| <= MAX_MAGNITUDE``; else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"cannot evaluate {_short(text)}: result {value!r} is not a real number")
+    if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+        raise ValueError(f"number too large in {_short(text)}: |x| above {MAX_MAGNITUDE:g}")
+    return value
+
+
+def _check_power(base: Number, exponent: Number, text: str) -> None:
+    """Reject ``base ** exponent`` before computing it when the exponent or the result is too large."""
+    if abs(exponent) > MAX_EXPONENT:
+        raise ValueError(f"exponent too large in {_short(text)}: |{exponent!r}| above {MAX_EXPONENT}")
+    if base != 0 and exponent > 0 and exponent * math.log10(abs(base)) > math.log10(MAX_MAGNITUDE):
+        raise ValueError(f"number too large in {_short(text)}: {base!r} ** {exponent!r} above {MAX_MAGNITUDE:g}")
+
+
+def _evaluate(node: ast.AST, text: str, depth: int = 0) -> Any:
+    """Value of the syntax tree ``node`` of ``text``: a number or a (nested) list of numbers.
+
+    Only number literals, ``+ - * / **``, unary ``+ -`` and list / tuple brackets; every literal and
+    intermediate result is bounded by :data:`MAX_MAGNITUDE`, exponents by :data:`MAX_EXPONENT`, the
+    nesting by :data:`MAX_DEPTH`. Raises ValueError (one line naming ``text``) otherwise.
+    """
+    if depth > MAX_DEPTH:
+        raise ValueError(f"expression nested too deeply in {_short(text)}: more than {MAX_DEPTH} levels")
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-        return node.value
+        return _bounded(node.value, text)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-        left, right = _evaluate(node.left, text), _evaluate(node.right, text)
+        left, right = _evaluate(node.left, text, depth + 1), _evaluate(node.right, text, depth + 1)
         if isinstance(left, list) or isinstance(right, list):
-            raise ValueError(f"arithmetic on a list in {text!r}: only numbers can be combined")
-        if isinstance(node.op, ast.Pow) and abs(right) > 64:
-            raise ValueError(f"exponent too large in {text!r}")
+            raise ValueError(f"arithmetic on a list in {_short(text)}: only numbers can be combined")
+        if isinstance(node.op, ast.Pow):
+            _check_power(left, right, text)
         try:
-            return _BINARY_OPS[type(node.op)](left, right)
+            return _bounded(_BINARY_OPS[type(node.op)](left, right), text)
         except (ZeroDivisionError, OverflowError) as exc:
-            raise ValueError(f"cannot evaluate {text!r}: {exc}") from None
+            raise ValueError(f"cannot evaluate {_short(text)}: {exc}") from None
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
-        operand = _evaluate(node.operand, text)
+        operand = _evaluate(node.operand, text, depth + 1)
         if isinstance(operand, list):
-            raise ValueError(f"arithmetic on a list in {text!r}: only numbers can be combined")
+            raise ValueError(f"arithmetic on a list in {_short(text)}: only numbers can be combined")
         return _UNARY_OPS[type(node.op)](operand)
     if isinstance(node, (ast.List, ast.Tuple)):
-        return [_evaluate(e, text) for e in node.elts]
-    raise ValueError(f"unsupported expression {ast.dump(node)[:40]!r} in {text!r}: "
+        return [_evaluate(e, text, depth + 1) for e in node.elts]
+    raise ValueError(f"unsupported expression {ast.dump(node)[:40]!r} in {_short(text)}: "
                      "only numbers, + - * / ** and brackets are allowed")
+
+
+def _parse_bounded(text: str) -> Any:
+    """Parse and evaluate one arithmetic string within the bounds above (ValueError otherwise)."""
+    if len(text) > MAX_TEXT_LENGTH:
+        raise ValueError(f"expression too long: {_short(text)} (at most {MAX_TEXT_LENGTH} characters)")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, MemoryError, RecursionError) as exc:  # the parser's own nesting limits
+        reason = exc.msg if isinstance(exc, SyntaxError) else "nested too deeply"
+        raise ValueError(f"cannot parse {_short(text)}: {reason}") from None
+    nodes = list(ast.walk(tree))
+    if len(nodes) > MAX_NODES:
+        raise ValueError(f"expression too large in {_short(text)}: {len(nodes)} syntax nodes "
+                         f"(at most {MAX_NODES})")
+    elements = sum(len(n.elts) for n in nodes if isinstance(n, (ast.List, ast.Tuple)))
+    if elements > MAX_ELEMENTS:
+        raise ValueError(f"too many elements in {_short(text)}: {elements} (at most {MAX_ELEMENTS})")
+    return _evaluate(tree.body, text)
 
 
 def parse_number_list(value: Union[str, list, tuple]) -> list:
     """Parse ``'[2 ** 0, 2 ** (1.0 / 3.0)]'`` or ``'[(1.0, 1.0), (1.4, 0.7)]'`` into nested lists of floats.
 
-    Accepts an already-parsed YAML list too. Raises ValueError for anything but arithmetic.
+    Accepts an already-parsed YAML list too. Raises ValueError for anything but arithmetic, and for
+    strings beyond the parser's bounds (:data:`MAX_TEXT_LENGTH` characters, :data:`MAX_DEPTH` levels,
+    :data:`MAX_ELEMENTS` elements, numbers above :data:`MAX_MAGNITUDE`, exponents above
+    :data:`MAX_EXPONENT`), without doing the large computation.
     """
     original = value
     if isinstance(value, str):
-        try:
-            tree = ast.parse(value.strip(), mode="eval")
-        except SyntaxError as exc:
-            raise ValueError(f"cannot parse {value!r}: {exc.msg}") from None
-        value = _evaluate(tree.body, value)
+        value = _parse_bounded(value)
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"expected a list, got {value!r}")
     return _to_floats(value, original)

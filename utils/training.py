@@ -1,4 +1,4 @@
-"""Training helpers: atomic checkpoints, resumable sampling, EMA, learning-rate schedules, freezing.
+"""Training helpers: resumable sampling, EMA, the last-finite-state guard, learning-rate schedules, freezing.
 
 Everything here is independent of the command line; ``train.py`` wires it together.
 """
@@ -7,47 +7,41 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import re
+import signal
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from utils.weights import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "efficientdet-pytorch/1"
-_CKPT_NAME = re.compile(r"^efficientdet-d(\d)_(\d+)_(\d+)\.pth$")
 
+class ModelWithLoss(nn.Module):
+    """The detector and its loss in one module, so DDP wraps a single forward.
 
-def checkpoint_name(compound_coef: int, epoch: int, step: int) -> str:
-    """The published naming: ``efficientdet-d{c}_{epoch}_{step}.pth``."""
-    return f"efficientdet-d{compound_coef}_{epoch}_{step}.pth"
-
-
-def find_last_checkpoint(folder: Union[str, Path], compound_coef: Optional[int] = None) -> Path:
-    """The checkpoint with the highest step in ``folder`` (names as :func:`checkpoint_name`).
-
-    Raises FileNotFoundError naming the folder when there is none.
+    ``forward(images Tensor[B, 3, S, S], annotations Tensor[B, M, 5] (x1, y1, x2, y2, class), input
+    pixels, padded with -1)`` returns ``(cls_loss, reg_loss, outputs)`` with ``outputs`` =
+    ``(regression, class logits, anchors)`` for ``--debug`` drawing.
     """
-    folder = Path(folder)
-    found = []
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = _CKPT_NAME.match(path.name)
-            if match and (compound_coef is None or int(match.group(1)) == compound_coef):
-                found.append((int(match.group(3)), path.stat().st_mtime, path))
-    if not found:
-        raise FileNotFoundError(f"no checkpoint efficientdet-d*_EPOCH_STEP.pth to resume in {folder}")
-    return max(found)[2]
 
+    def __init__(self, model: nn.Module, criterion: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
 
-def is_training_checkpoint(checkpoint: Dict[str, Any]) -> bool:
-    """A full training checkpoint (model, optimizer, step …) rather than a plain state_dict."""
-    return checkpoint.get("format") == CHECKPOINT_FORMAT
+    def forward(self, images: Tensor, annotations: Tensor):
+        model = self.model
+        model.check_input_size(int(images.shape[2]), int(images.shape[3]))
+        features = model.bifpn(model.backbone_net(images))
+        regression = model.regressor(features)
+        logits = model.classifier.forward_raw(features)
+        anchors = model.anchors(images)
+        cls_loss, reg_loss = self.criterion(logits, regression, anchors, annotations)
+        return cls_loss, reg_loss, (regression, logits, anchors)
 
 
 class ResumableSampler(Sampler[int]):
@@ -126,6 +120,96 @@ class ModelEMA:
         self.decay = float(state["decay"])
 
 
+
+class _Snapshot:
+    """Copies of a model's parameters and buffers and of an optimizer's state, storage reused between
+    captures."""
+
+    def __init__(self) -> None:
+        self.tensors: List[Tensor] = []
+        self.optim: Dict[int, Dict[str, Any]] = {}
+
+    @torch.no_grad()
+    def capture(self, live: List[Tensor], optimizer: torch.optim.Optimizer) -> None:
+        if len(self.tensors) != len(live):
+            self.tensors = [t.detach().clone() for t in live]
+        else:
+            torch._foreach_copy_(self.tensors, [t.detach() for t in live])
+        saved: Dict[int, Dict[str, Any]] = {}
+        for param, state in optimizer.state.items():
+            old = self.optim.get(id(param), {})
+            entry = {}
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    copy = old.get(key)
+                    if isinstance(copy, Tensor) and copy.shape == value.shape and copy.dtype == value.dtype:
+                        copy.copy_(value)
+                    else:
+                        copy = value.detach().clone()
+                    entry[key] = copy
+                else:
+                    entry[key] = value
+            saved[id(param)] = entry
+        self.optim = saved
+
+    @torch.no_grad()
+    def apply(self, live: List[Tensor], optimizer: torch.optim.Optimizer) -> None:
+        torch._foreach_copy_([t.detach() for t in live], self.tensors)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                saved = self.optim.get(id(param))
+                if saved is None:
+                    optimizer.state.pop(param, None)
+                    continue
+                state = optimizer.state[param]
+                for key, value in saved.items():
+                    if isinstance(value, Tensor) and isinstance(state.get(key), Tensor):
+                        state[key].copy_(value)
+                    else:
+                        state[key] = value.clone() if isinstance(value, Tensor) else value
+
+
+class FiniteGuard:
+    """Undoes training steps that make anything non-finite.
+
+    A step is bad when its loss is not finite or when it leaves a non-finite parameter or buffer
+    (BatchNorm statistics move in every training forward, even when the loss comes out NaN). A bad
+    step goes back to the state at the *start of the last good step* (model parameters and buffers,
+    optimizer state): weights that a good step just produced have not yet shown that a step can be
+    taken from them (at a far too high lr they are finite but huge, and every step from them fails),
+    while the weights a good step started from have.
+
+    Per step: :meth:`begin` before the forward, then :meth:`accept` after a good step or
+    :meth:`restore` after a bad one. Two copies of the model plus optimizer state live on the
+    model's device.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self._live = list(model.state_dict(keep_vars=True).values())
+        self._float = [t for t in self._live if t.is_floating_point()]
+        self._good, self._pending = _Snapshot(), _Snapshot()
+        self._good.capture(self._live, optimizer)
+
+    @torch.no_grad()
+    def is_finite(self) -> bool:
+        """Every floating parameter and buffer of the model is finite (one reduction per tensor group)."""
+        norms = torch._foreach_norm([t.detach() for t in self._float])
+        return bool(torch.isfinite(torch.stack(norms)).all())
+
+    def begin(self) -> None:
+        """A step starts from the model and optimizer as they are now."""
+        self._pending.capture(self._live, self.optimizer)
+
+    def accept(self) -> None:
+        """The step begun last went well: its starting state becomes the state to return to."""
+        self._good, self._pending = self._pending, self._good
+
+    def restore(self) -> None:
+        """Put back the state at the start of the last good step (or the state at construction)."""
+        self._good.apply(self._live, self.optimizer)
+
+
 def warmup_cosine_lambda(total_steps: int, warmup_steps: int, warmup_start: float = 0.1,
                          final: float = 0.0):
     """Multiplier of the base lr at a step: linear warm-up from ``warmup_start`` to 1 over
@@ -189,3 +273,49 @@ def load_backbone_weights(model: nn.Module, path: Union[str, Path]) -> int:
         raise ValueError(f"{path}: not an EfficientNet-B{target.variant} state_dict (missing {missing[0]!r})")
     target.load_state_dict(loaded, strict=False)
     return len(loaded)
+
+
+class Interrupted(Exception):
+    """A stop signal reached a point where the run can stop (see :class:`StopRequest`)."""
+
+
+class StopRequest:
+    """SIGINT (Ctrl+C) and SIGTERM for a training run.
+
+    While ``deferred`` is False (setting up: reading data, building the model) a signal raises
+    :class:`Interrupted` at once, as there is nothing to save yet. Once training runs, the signal is
+    remembered and the loop stops at its next safe point (between steps, between validation batches,
+    after a save), saves, and exits with :attr:`exit_code` (128 + signal number: 130 and 143).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.deferred = False
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.signum = signum
+        if not self.deferred:
+            raise Interrupted(self.name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum) if self.signum is not None else 0

@@ -12,12 +12,13 @@ another model fails with a one-line error naming both.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -101,6 +102,28 @@ def extract_state_dict(checkpoint: Mapping[str, Any], origin: str = "checkpoint"
     return state_dict
 
 
+def first_non_finite(obj: Any, prefix: str = "") -> Optional[str]:
+    """The key path (``"optimizer.state.0.exp_avg"``) of the first floating tensor in ``obj`` (a tensor,
+    or nested mappings, lists and tuples, in their order) holding a NaN or an infinity; None when every
+    tensor is finite. Meta tensors (no data), integer tensors and plain numbers are not looked at (an
+    infinite "best so far" is a legitimate start value)."""
+    if isinstance(obj, Tensor):
+        if obj.is_meta or not (obj.is_floating_point() or obj.is_complex()) or not obj.numel():
+            return None
+        return None if bool(torch.isfinite(obj).all()) else (prefix or "tensor")
+    if isinstance(obj, Mapping):
+        items: Any = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        found = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def load_weights(model: nn.Module, source: Source, strict_classes: bool = False) -> Tuple[str, ...]:
     """Load ``source`` into an :class:`EfficientDetBackbone` ``model``.
 
@@ -114,11 +137,16 @@ def load_weights(model: nn.Module, source: Source, strict_classes: bool = False)
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the file is not a checkpoint, or it belongs to another model or class count.
+        ValueError: the file is not a checkpoint, a tensor holds NaN or inf (the message names the
+            first such key), or it belongs to another model or class count.
     """
     origin = str(source) if isinstance(source, (str, Path)) else "state_dict"
     checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else dict(source)
     state_dict = extract_state_dict(checkpoint, origin)
+    bad = first_non_finite(state_dict)
+    if bad is not None:
+        raise ValueError(f"{origin}: tensor {bad!r} holds non-finite values (NaN or inf): a diverged or damaged "
+                         "checkpoint")
     own = model.state_dict()
 
     theirs, mine = describe_state_dict(state_dict), describe_state_dict(own)
@@ -157,19 +185,88 @@ def load_weights(model: nn.Module, source: Source, strict_classes: bool = False)
     return skipped
 
 
-def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a
-    partial file under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+TEMP_SUFFIX = ".tmp"
+
+
+def _temp_name(path: Path) -> Path:
+    """``.NAME.PID.RANDOM.tmp`` beside ``path``: hidden, and tells which process wrote it."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: Union[str, Path]) -> List[Path]:
+    """Delete the temporary files that a killed :func:`atomic_write` left in ``folder`` (those of
+    processes that no longer run). Returns the removed paths."""
+    folder = Path(folder)
+    removed: List[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(f".*{TEMP_SUFFIX}"):
+        parts = path.name[:-len(TEMP_SUFFIX)].rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) == os.getpid() or _pid_alive(int(parts[1])):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        logger.info("%s: removed %d temporary file(s) left by an interrupted save", folder, len(removed))
+    return removed
+
+
+def atomic_write(data: bytes, path: Union[str, Path]) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename: ``path`` is
+    either its old content or the new one, never partial. File mode follows the umask (as ``open``).
+
+    Raises:
+        OSError: one line naming ``path`` and the reason (disk full, unwritable folder, ...); the
+            temporary file is removed and an existing ``path`` is left intact.
+    """
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _discard(tmp)
         raise
     return path
+
+
+def _discard(path: Path) -> None:
+    """Remove a temporary file if it exists (its folder may not)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def serialize(obj: Any) -> bytes:
+    """``torch.save`` into memory (so that a full disk is an OSError of the file write, not a
+    ``RuntimeError`` from inside torch's zip writer)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(serialize(obj), path)

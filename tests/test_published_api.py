@@ -1,0 +1,363 @@
+"""The published module API (efficientdet/utils.py, utils/utils.py, the published FocalLoss call): users' scripts
+and notebooks written against zylo117 "Yet-Another-EfficientDet-Pytorch" run unchanged and get the numbers of
+the project's one implementation (utils.inference.Detector, efficientdet.anchors, utils.preprocess, ...)."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import efficientdet.anchors as anchors_module
+import train
+from backbone import EfficientDetBackbone
+from efficientdet.loss import FocalLoss
+from efficientdet.utils import Anchors, BBoxTransform, ClipBoxes
+from tests.conftest import REPO
+from tests.test_loss import reference_yaep
+from tests.test_postprocess import crafted_classification, reference_postprocess
+from tests.test_train import base_args, write_tiny_project
+from utils.cli import boolean_string as cli_boolean_string
+from utils.inference import Detector
+from utils.postprocess import postprocess as project_postprocess
+from utils.preprocess import ImageMeta, boxes_to_original
+from utils.preprocess import preprocess as batch_preprocess
+from utils.project import load_project
+from utils.utils import (STANDARD_COLORS, aspectaware_resize_padding, boolean_string, color_list, get_index_label,
+                         invert_affine, plot_one_box, postprocess, preprocess, preprocess_video, standard_to_bgr)
+
+IMG = REPO / "test" / "img.jpg"  # 428 x 640
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+RATIOS = [(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]
+SCALES = [2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The published inference snippet against utils.inference.Detector.
+
+
+def published_snippet(weights_path: Path, img_path: str, input_size: int, obj_list: Sequence[str],
+                      threshold: Optional[float] = None, iou_threshold: float = 0.2):
+    """The published efficientdet_test.py steps on one image, as users have them, with the network input both
+    as the snippet makes it (channels-last strides, from ``permute``) and made contiguous. ``threshold`` None:
+    the median best score (an untrained head: half of the anchors pass). Returns
+    ``(threshold, {"channels_last": out, "contiguous": out}, {layout: (regression, classification)})``."""
+    ori_imgs, framed_imgs, framed_metas = preprocess(img_path, max_size=input_size)
+    x = torch.stack([torch.from_numpy(fi) for fi in framed_imgs], 0).to(torch.float32).permute(0, 3, 1, 2)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+    model = EfficientDetBackbone(compound_coef=0, num_classes=len(obj_list), ratios=RATIOS, scales=SCALES)
+    model.load_state_dict(torch.load(weights_path))
+    model.requires_grad_(False)
+    model.eval()
+
+    outs, raw = {}, {}
+    for layout, inputs in (("channels_last", x), ("contiguous", x.contiguous())):
+        with torch.no_grad():
+            features, regression, classification, anchors = model(inputs)
+        if threshold is None:
+            threshold = float(classification.max(dim=2).values.median())
+        out = postprocess(inputs, anchors, regression, classification, BBoxTransform(), ClipBoxes(),
+                          threshold, iou_threshold)
+        outs[layout] = invert_affine(framed_metas, out)
+        raw[layout] = (regression, classification)
+    return threshold, outs, raw
+
+
+def assert_same_as_detector(outs, weights, project, img_path: str, input_size: int, threshold: float,
+                            iou_threshold: float = 0.2) -> int:
+    """Bit-exact equality of the snippet's detections with the Detector's in the matching layout (the snippet's
+    permuted input is channels-last); returns the number of detections."""
+    counts = set()
+    for layout, mode in (("channels_last", "channels_last"), ("contiguous", "eager")):
+        detector = Detector.from_checkpoint(0, weights, project, input_size=input_size, device="cpu",
+                                            threshold=threshold, iou_threshold=iou_threshold, clip_to_image=False,
+                                            mode=mode)
+        (dets,) = detector.detect(img_path)
+        (got,) = outs[layout]
+        assert set(got) == {"rois", "class_ids", "scores"}
+        assert got["rois"].dtype == np.float32 and got["rois"].shape == (len(dets), 4)
+        assert got["class_ids"].dtype == np.int64 and got["scores"].dtype == np.float32
+        assert np.array_equal(got["rois"], dets.boxes), layout
+        assert np.array_equal(got["class_ids"], dets.class_ids), layout
+        assert np.array_equal(got["scores"], dets.scores), layout
+        counts.add(len(dets))
+    return min(counts)
+
+
+def test_snippet_on_a_checkpoint_written_by_train_py(tmp_path):
+    """train.py writes ``efficientdet-d0_{epoch}_{step}.pth`` in the published format: a plain state_dict that
+    ``model.load_state_dict(torch.load(path))`` takes (strict), and the published snippet on it gives exactly
+    the Detector's detections."""
+    yaml_path = write_tiny_project(tmp_path)
+    args = base_args(tmp_path, yaml_path, "run") + ["--batch_size", "2", "--num_epochs", "1", "--max_steps", "2",
+                                                    "--save_interval", "0", "--val_interval", "0"]
+    assert train.main(train.parse_args(args)) == 0
+    saved = sorted((tmp_path / "run" / "ckpt" / "tiny").glob("efficientdet-d0_*_*.pth"))
+    assert saved, "train.py wrote no efficientdet-d0_{epoch}_{step}.pth"
+    weights_path = saved[-1]
+    state = torch.load(weights_path)
+    assert all(isinstance(v, torch.Tensor) for v in state.values()), sorted(state)[:8]
+
+    project = load_project(yaml_path)
+    threshold, outs, _ = published_snippet(weights_path, str(IMG), 128, project.obj_list)
+    assert assert_same_as_detector(outs, weights_path, project, str(IMG), 128, threshold) > 0
+
+
+def test_snippet_on_conformance_weights(tmp_path, d0_weights):
+    weights_path = tmp_path / "efficientdet-d0.pth"
+    torch.save(d0_weights, weights_path)
+    project = load_project(REPO / "projects" / "coco.yml")
+    threshold, outs, raw = published_snippet(weights_path, str(IMG), 256, project.obj_list, threshold=0.08)
+    assert assert_same_as_detector(outs, weights_path, project, str(IMG), 256, threshold) > 10
+    # Boxes are in original pixels: the 640-wide image was scaled by 0.4; some reach past 255 / 0.4 - 1.
+    assert outs["contiguous"][0]["rois"][:, [0, 2]].max() > 255
+    # The two layouts differ only by float round-off.
+    for a, b in zip(raw["channels_last"], raw["contiguous"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pre-processing geometry.
+
+
+def published_frame(bgr: np.ndarray, size: int) -> np.ndarray:
+    """The published steps for one image, written out: normalise RGB in float64, resize, top-left of zeros."""
+    normalized = (bgr[..., ::-1] / 255 - np.array(MEAN)) / np.array(STD)
+    old_h, old_w = bgr.shape[:2]
+    new_w, new_h = (size, int(size / old_w * old_h)) if old_w > old_h else (int(size / old_h * old_w), size)
+    canvas = np.zeros((size, size, 3), np.float32)
+    canvas[:new_h, :new_w] = cv2.resize(normalized, (new_w, new_h))
+    return canvas
+
+
+@pytest.fixture
+def two_images(tmp_path) -> Tuple[List[str], List[np.ndarray]]:
+    rng = np.random.default_rng(0)
+    landscape = rng.integers(0, 256, size=(120, 200, 3), dtype=np.uint8)
+    portrait = rng.integers(0, 256, size=(190, 100, 3), dtype=np.uint8)
+    paths = [str(tmp_path / "landscape.png"), str(tmp_path / "portrait.png")]
+    for path, image in zip(paths, (landscape, portrait)):
+        cv2.imwrite(path, image)
+    return paths, [landscape, portrait]
+
+
+def test_preprocess_frames_metas_and_same_bits_as_detector_input(two_images):
+    paths, images = two_images
+    ori_imgs, framed_imgs, framed_metas = preprocess(*paths, max_size=256)
+    assert all(np.array_equal(a, b) for a, b in zip(ori_imgs, images))
+    assert framed_metas == [(256, 153, 200, 120, 0, 103), (134, 256, 100, 190, 122, 0)]
+    batch, _, _ = batch_preprocess(paths, 256, MEAN, STD)
+    for b, (framed, image) in enumerate(zip(framed_imgs, images)):
+        assert framed.shape == (256, 256, 3) and framed.dtype == np.float32 and framed.flags.c_contiguous
+        assert np.array_equal(framed, published_frame(image, 256))
+        assert np.array_equal(framed, batch[b].permute(1, 2, 0).numpy())
+    assert not framed_imgs[0][153:].any() and not framed_imgs[1][:, 134:].any()
+
+
+def test_preprocess_default_mean_std_are_rgb_ordered(tmp_path):
+    signature = inspect.signature(preprocess)
+    assert signature.parameters["mean"].default == MEAN and signature.parameters["std"].default == STD
+    assert signature.parameters["max_size"].default == 512
+    red = np.zeros((128, 128, 3), np.uint8)
+    red[..., 2] = 255  # BGR
+    path = tmp_path / "red.png"
+    cv2.imwrite(str(path), red)
+    _, (framed,), _ = preprocess(str(path), max_size=128)
+    # Channel 0 is R, normalised with R's mean and std; channel 2 is B.
+    np.testing.assert_allclose(framed[0, 0], [(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225], rtol=1e-6)
+    # The project YAML's mean/std (RGB order) passed explicitly give the same input.
+    _, (explicit,), _ = preprocess(str(path), max_size=128, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    assert np.array_equal(framed, explicit)
+
+
+def test_preprocess_video_takes_frames(two_images):
+    paths, images = two_images
+    ori_imgs, framed_imgs, framed_metas = preprocess_video(*images, max_size=256)
+    assert len(ori_imgs) == 2 and ori_imgs[0] is images[0]
+    _, from_files, file_metas = preprocess(*paths, max_size=256)
+    assert framed_metas == file_metas
+    assert all(np.array_equal(a, b) for a, b in zip(framed_imgs, from_files))
+
+
+def test_preprocess_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        preprocess(str(missing))
+    with pytest.raises(ValueError, match="mean and std"):
+        preprocess(str(IMG), max_size=128, mean=(0.5, 0.5))
+
+
+def test_aspectaware_resize_padding_geometry():
+    rng = np.random.default_rng(1)
+    image = rng.standard_normal((120, 200, 3))
+    canvas, new_w, new_h, old_w, old_h, padding_w, padding_h = aspectaware_resize_padding(image, 256, 256)
+    assert (new_w, new_h, old_w, old_h, padding_w, padding_h) == (256, 153, 200, 120, 0, 103)
+    assert canvas.shape == (256, 256, 3) and canvas.dtype == np.float32
+    assert np.array_equal(canvas[:153], cv2.resize(image, (256, 153)).astype(np.float32))
+    assert not canvas[153:].any()
+
+    portrait = rng.standard_normal((190, 100, 3))
+    canvas, *meta = aspectaware_resize_padding(portrait, 256, 256, means=(1.0, 2.0, 3.0))
+    assert tuple(meta) == (134, 256, 100, 190, 122, 0)
+    assert np.array_equal(canvas[:, 134:], np.broadcast_to(np.float32([1, 2, 3]), (256, 122, 3)))
+
+    nearest, *_ = aspectaware_resize_padding(image, 256, 256, interpolation=cv2.INTER_NEAREST)
+    assert np.array_equal(nearest[:153],
+                          cv2.resize(image, (256, 153), interpolation=cv2.INTER_NEAREST).astype(np.float32))
+    assert not np.array_equal(nearest, aspectaware_resize_padding(image, 256, 256)[0])
+
+    # A non-square canvas is height x width (the published one was height x height).
+    canvas, *meta = aspectaware_resize_padding(image, 384, 256)
+    assert canvas.shape == (256, 384, 3) and tuple(meta) == (384, 230, 200, 120, 0, 26)
+    # A size that is already right is not resized.
+    same, *meta = aspectaware_resize_padding(image[:64, :128], 128, 128)
+    assert np.array_equal(same[:64], image[:64, :128].astype(np.float32)) and tuple(meta) == (128, 64, 128, 64, 0, 64)
+
+
+def test_invert_affine_maps_back_in_place_without_clipping():
+    rois = np.array([[25.6, 12.75, 128.0, 76.5], [0.0, 0.0, 255.0, 152.0]], np.float32)
+    preds = [{"rois": rois, "class_ids": np.array([1, 2]), "scores": np.array([0.9, 0.5], np.float32)},
+             {"rois": np.zeros((0, 4), np.float32), "class_ids": np.zeros(0, np.int64),
+              "scores": np.zeros(0, np.float32)}]
+    metas = [(256, 153, 200, 120, 0, 103), (134, 256, 100, 190, 122, 0)]
+    expected = boxes_to_original(rois, ImageMeta(old_h=120, old_w=200, new_h=153, new_w=256, canvas_h=256,
+                                                 canvas_w=256), clip=False)
+    out = invert_affine(metas, preds)
+    assert out is preds and out[0]["rois"] is rois  # in place
+    np.testing.assert_allclose(rois[0], [20.0, 10.0, 100.0, 60.0], rtol=1e-6)
+    assert np.array_equal(rois, expected)
+    assert rois[1, 2] == pytest.approx(255 / 1.28) and rois[1, 2] > 199  # not clipped to the image, as published
+    assert out[1]["rois"].shape == (0, 4)
+    with pytest.raises(ValueError, match="meta"):
+        invert_affine([metas[0]], preds)
+
+
+# --------------------------------------------------------------------------------------------------
+# Post-processing, anchors, loss.
+
+
+def test_postprocess_published_format_and_our_numbers(d0_vectors):
+    x = torch.from_numpy(d0_vectors["input"])
+    regression = torch.from_numpy(d0_vectors["regression"])
+    anchors = torch.from_numpy(d0_vectors["anchors"])
+    height, width = x.shape[2:]
+    # The stored conformance detections (threshold 0.2) are empty for both images.
+    stored = postprocess(x, anchors, regression, torch.from_numpy(d0_vectors["classification"]), BBoxTransform(),
+                         ClipBoxes(), 0.2, 0.2)
+    for b, got in enumerate(stored):
+        assert len(got["rois"]) == len(d0_vectors[f"det{b}_rois"]) == 0
+        assert got["rois"].shape == (0, 4) and got["class_ids"].shape == got["scores"].shape == (0,)
+    assert invert_affine([(384, 256, 384, 256, 0, 0)] * 2, stored) is stored
+    # Crafted class scores give real detections: SPEC §3 written out, and the project's postprocess bit for bit.
+    classification = crafted_classification(regression.shape[1], 200, 4, seed=3)
+    out = postprocess(x, anchors, regression, torch.from_numpy(classification), BBoxTransform(), ClipBoxes(),
+                      0.2, 0.3)
+    ours = project_postprocess((height, width), anchors, regression, torch.from_numpy(classification), 0.2, 0.3)
+    expected = reference_postprocess(height, width, d0_vectors["anchors"], d0_vectors["regression"], classification,
+                                     0.2, 0.3)
+    assert len(out) == 2
+    for got, dets, (boxes, classes, scores) in zip(out, ours, expected):
+        assert 10 < len(got["rois"]) == len(scores) < 200
+        assert got["rois"].dtype == np.float32 and got["class_ids"].dtype == np.int64
+        assert np.array_equal(got["rois"], dets.boxes) and np.array_equal(got["scores"], dets.scores)
+        assert np.array_equal(got["class_ids"], dets.class_ids)
+        np.testing.assert_array_equal(got["class_ids"], classes)
+        np.testing.assert_allclose(got["rois"], boxes, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got["scores"], scores, rtol=0, atol=1e-6)
+
+    class OtherDecoder(torch.nn.Module):
+        def forward(self, anchors, regression):
+            return anchors
+    with pytest.raises(ValueError, match="regressBoxes"):
+        postprocess(x, anchors, regression, torch.from_numpy(classification), OtherDecoder(), ClipBoxes(), 0.2, 0.2)
+    with pytest.raises(ValueError, match="clipBoxes"):
+        postprocess(x, anchors, regression, torch.from_numpy(classification), BBoxTransform(), BBoxTransform(),
+                    0.2, 0.2)
+
+
+def test_box_coders_are_ours():
+    assert BBoxTransform is anchors_module.BBoxTransform and ClipBoxes is anchors_module.ClipBoxes
+
+
+def test_anchors_adapter_equals_our_anchors(d0_vectors):
+    image = torch.zeros(2, 3, 256, 384)
+    published = Anchors(anchor_scale=4., pyramid_levels=[3, 4, 5, 6, 7], scales=SCALES, ratios=RATIOS)
+    ours = anchors_module.Anchors(4.0, (3, 4, 5, 6, 7), scales=SCALES, ratios=RATIOS)
+    got = published(image)
+    assert got.shape == (1, (32 * 48 + 16 * 24 + 8 * 12 + 4 * 6 + 2 * 3) * 9, 4) and got.dtype == torch.float32
+    assert torch.equal(got, ours(image))
+    assert torch.equal(Anchors()(image), got)  # published defaults
+    np.testing.assert_allclose(got.numpy(), d0_vectors["anchors"], rtol=0, atol=1e-4)
+    # First anchor: P3 (stride 8), centre (4, 4), scale 1, ratio (1, 1): half side 4 * 8 / 2 = 16.
+    assert got[0, 0].tolist() == [-12.0, -12.0, 20.0, 20.0]
+    # The published call's dtype, not the image's.
+    assert Anchors()(image.double()).dtype == torch.float32
+    assert Anchors()(image, torch.float16).dtype == torch.float16
+    # D7x's extra level and explicit strides.
+    assert Anchors(pyramid_levels=[3, 4, 5, 6, 7, 8])(image[..., :256]).shape[1] == (32 * 32 + 16 * 16 + 64 + 16 + 4 + 1) * 9
+    assert Anchors(pyramid_levels=[3], strides=[16])(image).shape[1] == 16 * 24 * 9
+    with pytest.raises(ValueError, match="divisible"):
+        published(torch.zeros(1, 3, 200, 256))
+    with pytest.raises(ValueError, match="anchor_sizes"):
+        Anchors(anchor_sizes=[1])
+
+
+def test_focal_loss_published_call_returns_our_values():
+    torch.manual_seed(0)
+    anchors = anchors_module.Anchors()(torch.zeros(1, 3, 128, 128))
+    classifications = torch.rand(2, anchors.shape[1], 3)
+    regressions = torch.randn(2, anchors.shape[1], 4) * 0.2
+    annotations = torch.tensor([[[10., 20., 60., 90., 0.], [70., 5., 120., 40., 2.]],
+                                [[32., 32., 96., 96., 1.], [-1., -1., -1., -1., -1.]]])
+    imgs = torch.zeros(2, 3, 128, 128)
+    published = FocalLoss()(classifications, regressions, anchors, annotations, imgs=imgs, obj_list=["a", "b", "c"])
+    ours = FocalLoss("yaep")(classifications, regressions, anchors, annotations)
+    assert len(published) == 2
+    assert torch.equal(published[0], ours[0]) and torch.equal(published[1], ours[1])
+    expected = reference_yaep(classifications, regressions, anchors, annotations)  # the published per-image loop
+    torch.testing.assert_close(published[0], expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(published[1], expected[1].float(), rtol=1e-5, atol=1e-6)
+    assert published[1].item() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Drawing and small helpers.
+
+
+def test_plot_one_box_draws_in_place():
+    image = np.zeros((200, 300, 3), np.uint8)
+    plot_one_box(image, [50, 60, 150, 160], color=(0, 0, 255), line_thickness=2)
+    assert tuple(image[110, 50]) == (0, 0, 255) and tuple(image[160, 100]) == (0, 0, 255)
+    assert not image[:55].any() and not image[70:150, 60:140].any()  # no label, inside untouched
+
+    labelled = np.zeros((200, 300, 3), np.uint8)
+    plot_one_box(labelled, [50, 60, 150, 160], label="cat", score=0.87, color=(0, 0, 255), line_thickness=2)
+    assert labelled[35:58, 52:90].any()  # the label above the box
+    assert tuple(labelled[110, 50]) == (0, 0, 255)
+
+    default = np.zeros((100, 100, 3), np.uint8)
+    plot_one_box(default, (10.6, 10.2, 80.0, 80.0))
+    assert default.any()
+
+
+def test_colors_and_labels():
+    assert len(STANDARD_COLORS) == 126 and STANDARD_COLORS[0] == "LawnGreen"
+    bgr = standard_to_bgr(["Red", "LawnGreen", "navy"])
+    assert bgr == [(0, 0, 255), (0, 252, 124), (128, 0, 0)]
+    assert len(color_list) == len(STANDARD_COLORS) >= 90
+    assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in color_list)
+    assert color_list[:2] == [(0, 252, 124), (0, 255, 127)]
+    with pytest.raises(ValueError):
+        standard_to_bgr(["NoSuchColour"])
+    obj_list = ["person", "bicycle", "car"]
+    assert get_index_label("car", obj_list) == 2
+    with pytest.raises(ValueError, match="truck"):
+        get_index_label("truck", obj_list)
+    assert boolean_string is cli_boolean_string and boolean_string("True") is True
+    assert boolean_string("False") is False
