@@ -35,6 +35,18 @@ def project_yaml(project_name: str, obj_list, train_set: str = "train", val_set:
             f"obj_list: [{names}]\n")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small (128-256 px) forwards: as fast, and no stall when the 2 cores
+    are busy. Restores the caller's count (thread counts change float round-off in later tests)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """``../shared`` (skip where absent, fail under CI=true)."""

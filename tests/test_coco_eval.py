@@ -19,17 +19,10 @@ from utils.evaluation import STAT_NAMES, provenance_path, save_results  # noqa: 
 from utils.project import load_project  # noqa: E402
 from tests.conftest import project_yaml  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NUM_IMAGES = 3
 PROJECT_YAML = project_yaml("shape", ["rectangle", "circle"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small (256 px) forwards: one intra-op thread is as fast and does not stall when the 2 cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_checkpoint(path: Path, num_classes: int = 2) -> Path:

@@ -21,6 +21,8 @@ from utils.project import load_project
 from tests.test_nms import reference_nms
 from tests.conftest import project_yaml
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parent.parent
 OBJ_LIST = ["person", "car", "dog"]
 CAR = 1
@@ -60,15 +62,6 @@ def expected_detections(old_h: int, old_w: int, iou_threshold: float = 0.2):
     kept[:, [0, 2]] = np.clip(kept[:, [0, 2]] / (new_w / old_w), 0, old_w - 1)
     kept[:, [1, 3]] = np.clip(kept[:, [1, 3]] / (new_h / old_h), 0, old_h - 1)
     return kept
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny (128 px) forwards: one intra-op thread is as fast and does not stall when the 2 cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
