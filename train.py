@@ -576,6 +576,9 @@ class Trainer:
 
     def _loop(self) -> int:
         args, state = self.args, self.state
+        if args.max_steps and state.step >= args.max_steps:
+            self.log(f"already at step {state.step}, --max_steps {args.max_steps}: nothing to train")
+            return 0
         if state.pending_val:
             self._end_of_epoch(state.epoch - 1, save=False)
         while state.epoch < args.num_epochs:

@@ -245,6 +245,12 @@ def test_published_command_lines(tmp_path, monkeypatch):
     heads = [k for k in after if k.startswith("regressor.") and k.endswith(".weight")]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in heads)
+    # README "resume": python train.py ... --lr 1e-3 --load_weights last --head_only True (still frozen, step 2).
+    assert run_train(tmp_path, yaml_path, "head", "--head_only", "True", "--lr", "1e-3", "--batch_size", "4",
+                     "--load_weights", "last", "--max_steps", "2", "--save_interval", "100") == 0
+    resumed = torch.load(ckpt_dir(tmp_path, "head") / "efficientdet-d0_1_2.pth")
+    assert all(torch.equal(before[k], resumed[k]) for k in frozen)
+    assert sorted(read_log(tmp_path, "head")) == [1, 2]
 
     # README: ... --head_only False --debug True; the whole network trains and test/ gets images.
     assert run_train(tmp_path, yaml_path, "full", "--head_only", "False", "--debug", "True", "--batch_size", "2",

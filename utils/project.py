@@ -209,7 +209,8 @@ def load_project(project: Union[str, Path]) -> ProjectConfig:
         raise ValueError(f"{path}: missing key {missing[0]!r}" + (f" (and {missing[1:]})" if len(missing) > 1 else ""))
 
     def bad(key: str, why: str) -> ValueError:
-        return ValueError(f"{path}: key {key!r}: {why} (got {data[key]!r})")
+        shown = "" if str(data[key])[:20] in why else f" (got {data[key]!r})"  # parser messages quote the text
+        return ValueError(f"{path}: key {key!r}: {why}{shown}")
 
     for key in ("project_name", "train_set", "val_set"):
         if not isinstance(data[key], (str, int)) or isinstance(data[key], bool) or str(data[key]) == "":
