@@ -38,24 +38,22 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from backbone import check_input_size
 from efficientdet.config import get_model_config
+from efficientdet.dataset import annotation_path
 from utils.device import select_device
 from utils.evaluation import (detections_to_coco, evaluate_coco, file_sha256, format_metrics, load_coco_annotations,
                               metrics_to_json, provenance_mismatch, provenance_path, run_detector_on_set,
                               save_results)
 from utils.inference import Detector
 from utils.project import ProjectConfig, load_project
-from utils.cli import add_bool_arg, add_inference_args, run_script
+from utils.cli import add_bool_arg, add_inference_args, add_model_args, run_script
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command line of the evaluator."""
     parser = argparse.ArgumentParser(description="COCO bbox mAP of an EfficientDet checkpoint (pycocotools)")
-    parser.add_argument("-c", "--compound_coef", type=int, default=0, help="model D0..D7x as 0..8 (default 0)")
-    parser.add_argument("-p", "--project", default="coco",
-                        help="project name (projects/NAME.yml) or path of a project YAML (default coco)")
-    parser.add_argument("-w", "--weights", default=None,
-                        help="checkpoint to evaluate (default weights/efficientdet-d{c}.pth)")
+    add_model_args(parser, weights_help="checkpoint to evaluate (default weights/efficientdet-d{c}.pth)")
     parser.add_argument("--data_path", default="datasets/",
                         help="root of the datasets: {data_path}/{project_name}/... (default datasets/)")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (default 1)")
@@ -90,9 +88,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--nms_threshold must be in (0, 1], got {args.nms_threshold}")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max_images must be >= 1, got {args.max_images}")
-    if args.input_size is not None and (args.input_size <= 0 or args.input_size % config.max_stride):
-        raise ValueError(f"--input_size must be a positive multiple of {config.max_stride} for {config.name}, "
-                         f"got {args.input_size}")
+    if args.input_size is not None:
+        check_input_size(config, args.input_size, args.input_size)
 
 
 def resolve_device(cuda: bool, device: Optional[str]) -> Tuple[torch.device, Optional[str]]:
@@ -158,7 +155,7 @@ def evaluate(args: argparse.Namespace) -> int:
     project = load_project(args.project)
     dataset = Path(args.data_path) / project.project_name
     image_dir = dataset / project.val_set
-    ann_file = dataset / "annotations" / f"instances_{project.val_set}.json"
+    ann_file = annotation_path(dataset, project.val_set)
     annotations = load_coco_annotations(ann_file, project.obj_list)  # FileNotFoundError naming it, before any work
     weights = Path(args.weights if args.weights else f"weights/efficientdet-d{args.compound_coef}.pth")
     if not weights.is_file():

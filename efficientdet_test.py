@@ -20,7 +20,7 @@ from utils.download import ensure_weights
 from utils.draw import draw_detections
 from utils.inference import Detections, Detector
 from utils.preprocess import list_images
-from utils.cli import add_bool_arg, add_inference_args, run_script
+from utils.cli import add_bool_arg, add_inference_args, add_model_args, run_script
 
 DEFAULT_IMAGE = str(Path(__file__).resolve().parent / "test" / "img.jpg")  # the sample shipped in the repo
 SPEED_TEST_RUNS = 10
@@ -28,10 +28,7 @@ SPEED_TEST_RUNS = 10
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--compound_coef", type=int, default=0, help="EfficientDet D0..D7x as 0..8 (default 0)")
-    parser.add_argument("-w", "--weights", default=None,
-                        help="checkpoint (default weights/efficientdet-d{c}.pth, downloaded when missing)")
-    parser.add_argument("-p", "--project", default="coco", help="project name under projects/ or a YAML path")
+    add_model_args(parser)
     parser.add_argument("--images", nargs="+", default=[DEFAULT_IMAGE], help="image files and/or folders")
     parser.add_argument("--threshold", type=float, default=0.2, help="score threshold (keep score > it)")
     parser.add_argument("--iou_threshold", type=float, default=0.2, help="NMS IoU threshold (suppress IoU > it)")

@@ -18,17 +18,14 @@ import cv2
 from utils.download import ensure_weights
 from utils.draw import draw_detections
 from utils.inference import Detector
-from utils.cli import add_inference_args, run_script
+from utils.cli import add_inference_args, add_model_args, run_script
 
 DEFAULT_FPS = 25.0
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--compound_coef", type=int, default=0, help="EfficientDet D0..D7x as 0..8 (default 0)")
-    parser.add_argument("-w", "--weights", default=None,
-                        help="checkpoint (default weights/efficientdet-d{c}.pth, downloaded when missing)")
-    parser.add_argument("-p", "--project", default="coco", help="project name under projects/ or a YAML path")
+    add_model_args(parser)
     parser.add_argument("--video", required=True, help="video file, or a webcam index such as 0")
     parser.add_argument("--output", default="test/video_det.mp4",
                         help="annotated video (mp4v), default test/video_det.mp4")

@@ -26,16 +26,14 @@ from backbone import build_model
 from utils.optimize import ExportModule, export_onnx
 from utils.project import load_project
 from utils.weights import load_weights
-from utils.cli import add_bool_arg, run_script
+from utils.cli import add_bool_arg, add_model_args, run_script
 
 ONNX_TOLERANCE = 1e-4
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--compound_coef", type=int, default=0, help="EfficientDet D0..D7x as 0..8 (default 0)")
-    parser.add_argument("-w", "--weights", default=None, help="checkpoint (default: random weights)")
-    parser.add_argument("-p", "--project", default="coco", help="project (class count, anchors; default coco)")
+    add_model_args(parser, weights_help="checkpoint (default: random weights)")
     parser.add_argument("--input_size", type=int, nargs="+", default=None, metavar="SIDE",
                         help="input side, or height width (default: the model's)")
     parser.add_argument("--batch_size", type=int, default=1, help="batch of the exported example (default 1)")

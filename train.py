@@ -40,13 +40,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from backbone import EfficientDetBackbone, build_model
+from backbone import EfficientDetBackbone, build_model, check_input_size
 from efficientdet.config import get_model_config
-from efficientdet.dataset import create_dataloaders
+from efficientdet.dataset import annotation_path, create_dataloaders
 from efficientdet.loss import FocalLoss
 from utils.checkpoints import (LEGACY_FORMAT, ResumePoint, best_name, checkpoint_name, find_resume_point,
                                save_checkpoint, save_weights, step_from_name)
-from utils.cli import add_bool_arg, run_script
+from utils.cli import add_bool_arg, add_model_args, run_script
 from utils.device import select_device
 from utils.draw import draw_detections
 from utils.evaluation import evaluate_detector
@@ -69,8 +69,9 @@ __all__ = ["ModelWithLoss", "Trainer", "parse_args", "main"]
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-p", "--project", default="coco", help="projects/PROJECT.yml, or a path to a YAML file")
-    p.add_argument("-c", "--compound_coef", type=int, default=0, help="EfficientDet D0..D7x = 0..8")
+    add_model_args(p, weights_flags=("-w", "--load_weights"),
+                   weights_help="'last' (or 'latest') resumes this project's run exactly; a .pth fine-tunes from its "
+                                "weights; 'none' starts from scratch")
     p.add_argument("-n", "--num_workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--batch_size", type=int, default=12,
                    help="images per step in total; split evenly over the processes of num_gpus / torchrun")
@@ -89,9 +90,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--es_patience", type=int, default=0, help="early stopping: epochs without improvement (0: off)")
     p.add_argument("--data_path", default="datasets/", help="root holding PROJECT_NAME/ dataset folders")
     p.add_argument("--log_path", default="logs/")
-    p.add_argument("-w", "--load_weights", default=None,
-                   help="'last' (or 'latest') resumes this project's run exactly; a .pth fine-tunes from its weights; "
-                        "'none' starts from scratch")
     p.add_argument("--saved_path", default="logs/", help="checkpoints go to SAVED_PATH/PROJECT_NAME/")
     add_bool_arg(p, "--debug", help="save training images with predicted boxes to test/")
     p.add_argument("--lr_schedule", choices=("plateau", "cosine"), default="plateau",
@@ -294,9 +292,7 @@ class Trainer:
             raise ValueError(f"--batch_size {batch_size} is the total over {self.world} processes: "
                              f"use a positive multiple of {self.world}")
         per_process = batch_size // self.world
-        if self.input_size % self.config.max_stride:
-            raise ValueError(f"--input_size {self.input_size} is not a multiple of {self.config.max_stride} "
-                             f"(the stride of P{self.config.max_level} in {self.config.name})")
+        check_input_size(self.config, self.input_size, self.input_size)
         top = self.input_size // self.config.max_stride
         if per_process * top * top < 2:
             raise ValueError(f"--batch_size {batch_size} ({per_process} per process) at input {self.input_size} "
@@ -516,7 +512,7 @@ class Trainer:
                             threshold=0.05, iou_threshold=0.5)
         set_name = self.project.val_set
         metrics, _ = evaluate_detector(detector, self.data_root / set_name,
-                                       self.data_root / "annotations" / f"instances_{set_name}.json",
+                                       annotation_path(self.data_root, set_name),
                                        self.project.obj_list, batch_size=self.batch_size)
         return float(metrics["AP"])
 

@@ -40,7 +40,7 @@ from utils.optimize import InferenceModel, bf16_supported, mode_name, parse_mode
 from utils.postprocess import Detections, postprocess
 from utils.project import load_project
 from utils.weights import load_weights
-from utils.cli import add_bool_arg, keep_freed_memory, run_script
+from utils.cli import add_bool_arg, add_model_args, keep_freed_memory, run_script
 
 DEFAULT_RUNS = 10  # SPEC §7: one warm-up, then 10 timed runs
 DEFAULT_ROUNDS = 3
@@ -55,10 +55,7 @@ CUDA_MODES = ("eager", "fused", "fused+channels_last", "fused+channels_last+trac
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--compound_coef", type=int, default=0, help="EfficientDet D0..D7x as 0..8 (default 0)")
-    parser.add_argument("-p", "--project", default="coco", help="project (class count, anchors; default coco)")
-    parser.add_argument("-w", "--weights", default=None,
-                        help="checkpoint to load (default: random weights with a calibrated class bias)")
+    add_model_args(parser, weights_help="checkpoint to load (default: random weights with a calibrated class bias)")
     parser.add_argument("--input_size", type=int, default=None, help="input side S (default: the model's)")
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--batch_size", type=int, default=None, help="one batch size B")

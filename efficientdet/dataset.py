@@ -84,6 +84,12 @@ _MAX_WARNINGS_PER_REASON = 10
 # Geometry and transforms
 # --------------------------------------------------------------------------------------------------
 
+def annotation_path(dataset_root: Union[str, Path], set_name: str) -> Path:
+    """The COCO annotation file of one split: ``{dataset_root}/annotations/instances_{set_name}.json``
+    (the published layout; the one place that spells it)."""
+    return Path(dataset_root) / "annotations" / f"instances_{set_name}.json"
+
+
 def letterbox_size(height: int, width: int, size: int) -> Tuple[int, int, float]:
     """Size of an image resized so that its longer side is ``size``, keeping its aspect.
 
@@ -837,7 +843,7 @@ class CocoDataset(Dataset):
         self.progress = progress
         self.seed = seed
         self.epoch = 0
-        self.annotation_file = self.root / "annotations" / f"instances_{self.set_name}.json"
+        self.annotation_file = annotation_path(self.root, self.set_name)
         self.image_dir = self.root / self.set_name
         self.skipped: Dict[str, int] = {reason: 0 for reason in SKIP_REASONS}
         self.clipped = 0

@@ -169,7 +169,7 @@ def test_reused_results_are_validated_too(setup, capsys, monkeypatch):
 
 def test_bad_input_size_is_rejected(setup, capsys):
     assert coco_eval.main(coco_eval.parse_args(argv(setup, "--input_size", "200"))) == 1
-    assert "multiple of 128" in capsys.readouterr().err
+    assert "multiples of 128" in capsys.readouterr().err
 
 
 def test_missing_image_folder_is_one_line(setup, capsys):

@@ -138,7 +138,7 @@ def test_checkpoints_are_complete_and_atomic(tmp_path):
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     yaml_path = write_tiny_project(tmp_path)
     assert train.main(train.parse_args(base_args(tmp_path, yaml_path, "b") + ["--input_size", "100"])) != 0
-    assert "multiple of 128" in capsys.readouterr().err
+    assert "multiples of 128" in capsys.readouterr().err
     assert train.main(train.parse_args(base_args(tmp_path, yaml_path, "b") + ["--batch_size", "1"])) != 0
     assert "BatchNorm needs more than one value" in capsys.readouterr().err
     assert train.main(train.parse_args(base_args(tmp_path, yaml_path, "b") + ["-w", "last"])) != 0

@@ -22,6 +22,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from efficientdet.dataset import annotation_path  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 CATEGORIES = [{"id": 1, "name": "rectangle", "supercategory": "None"},
@@ -79,7 +85,7 @@ def make_shape_dataset(out: Path, num_train: int = 900, num_val: int = 100, size
                 annotations.append({"id": len(annotations), "image_id": image_id, "category_id": category_id,
                                     "iscrowd": 0, "area": w * h, "bbox": [x, y, w, h],
                                     "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
-        path = out / "annotations" / f"instances_{set_name}.json"
+        path = annotation_path(out, set_name)
         path.write_text(json.dumps({"info": {"description": "synthetic shapes"}, "licenses": [],
                                     "categories": CATEGORIES, "images": images, "annotations": annotations}),
                         encoding="utf-8")

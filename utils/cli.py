@@ -7,7 +7,7 @@ import ctypes.util
 import logging
 import os
 import sys
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 KEEP_MEMORY_ENV = "EFFDET_KEEP_MEMORY"  # "0" turns the allocator tuning of run_script off
 
@@ -37,6 +37,20 @@ def add_bool_arg(parser: argparse.ArgumentParser, *flags: str, default: Optional
     shown = "" if default is None else f" (default {default})"
     return parser.add_argument(*flags, type=boolean_string, nargs="?", const=True, default=default,
                                metavar="BOOL", help=help + shown)
+
+
+DEFAULT_WEIGHTS_HELP = "checkpoint (default weights/efficientdet-d{c}.pth, downloaded when missing)"
+
+
+def add_model_args(parser: argparse.ArgumentParser, weights_help: str = DEFAULT_WEIGHTS_HELP,
+                   project_default: str = "coco", weights_flags: Sequence[str] = ("-w", "--weights")) -> None:
+    """The options that name the model, defined once for every script: ``-c/--compound_coef`` (D0..D7x as
+    0..8), ``-p/--project`` (``projects/NAME.yml`` or a YAML path) and ``-w/--weights`` (``train.py``:
+    ``-w/--load_weights``)."""
+    parser.add_argument("-c", "--compound_coef", type=int, default=0, help="EfficientDet D0..D7x as 0..8 (default %(default)s)")
+    parser.add_argument("-p", "--project", default=project_default,
+                        help="project name (projects/NAME.yml) or path of a project YAML (default %(default)s)")
+    parser.add_argument(*weights_flags, default=None, help=weights_help)
 
 
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
