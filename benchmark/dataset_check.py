@@ -36,7 +36,7 @@ from backbone import build_model  # noqa: E402
 from efficientdet.config import get_model_config  # noqa: E402
 from efficientdet.dataset import CocoDataset, create_dataloaders, verify_images  # noqa: E402
 from efficientdet.loss import FocalLoss  # noqa: E402
-from utils.training import ModelWithLoss  # noqa: E402
+from utils.training.parts import ModelWithLoss  # noqa: E402
 from utils.cli import add_bool_arg, run_script  # noqa: E402
 from utils.project import load_project  # noqa: E402
 

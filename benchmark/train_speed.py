@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backbone import EfficientDetBackbone  # noqa: E402
 from efficientdet.loss import FocalLoss  # noqa: E402
 from efficientnet.utils import Conv2dStaticSamePadding  # noqa: E402
-from utils.training import ModelWithLoss  # noqa: E402
+from utils.training.parts import ModelWithLoss  # noqa: E402
 from utils.cli import add_bool_arg, keep_freed_memory  # noqa: E402
 
 WARMUP = 3  # untimed steps per variant

@@ -363,40 +363,42 @@ def test_batch_larger_than_the_dataset_is_an_error_at_start(tmp_path, capsys):
 def test_stop_signals_in_every_phase(tmp_path, monkeypatch, capsys):
     """SIGINT while loading data: nothing to save, exit 130. SIGTERM during a step: saved, exit 143.
     SIGINT during validation: saved, exit 130, and the resumed run validates that epoch first."""
+    from utils.training import trainer as trainer_module
+
     yaml_path = write_tiny_project(tmp_path)
     common = ["--batch_size", "2", "--save_interval", "0", "--num_epochs", "3"]
-    real_loaders = train.create_dataloaders
+    real_loaders = trainer_module.create_dataloaders
 
     def signal_while_loading(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         return real_loaders(*args, **kwargs)
 
-    monkeypatch.setattr(train, "create_dataloaders", signal_while_loading)
+    monkeypatch.setattr(trainer_module, "create_dataloaders", signal_while_loading)
     assert run_train(tmp_path, yaml_path, "sig", *common) == 130
     assert "nothing to save" in capsys.readouterr().err
-    monkeypatch.setattr(train, "create_dataloaders", real_loaders)
+    monkeypatch.setattr(trainer_module, "create_dataloaders", real_loaders)
 
-    real_step = train.Trainer.train_step
+    real_step = trainer_module.Trainer.train_step
 
     def sigterm_during_step(self, images, annotations):
         os.kill(os.getpid(), signal.SIGTERM)
         return real_step(self, images, annotations)
 
-    monkeypatch.setattr(train.Trainer, "train_step", sigterm_during_step)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", sigterm_during_step)
     assert run_train(tmp_path, yaml_path, "sig", *common) == 143
     assert (ckpt_dir(tmp_path, "sig") / "efficientdet-d0_1_1.pth").is_file()  # the step finished, then saved
-    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", real_step)
 
-    real_validate = train.Trainer.validate
+    real_validate = trainer_module.Trainer.validate
 
     def sigint_during_validation(self):
         self.stop.signum = signal.SIGINT  # as the handler does; the val loop checks before each batch
         return real_validate(self)
 
-    monkeypatch.setattr(train.Trainer, "validate", sigint_during_validation)
+    monkeypatch.setattr(trainer_module.Trainer, "validate", sigint_during_validation)
     assert run_train(tmp_path, yaml_path, "sig", *common, "-w", "last") == 130
     assert not read_log(tmp_path, "sig", "val")
-    monkeypatch.setattr(train.Trainer, "validate", real_validate)
+    monkeypatch.setattr(trainer_module.Trainer, "validate", real_validate)
     assert run_train(tmp_path, yaml_path, "sig", *common, "-w", "last") == 0
     val_steps = [r["step"] for r in read_log(tmp_path, "sig", "val").values()]
     assert val_steps == [1, 2, 3]  # epoch 1's validation (interrupted twice) first, then epochs 2 and 3

@@ -1,15 +1,16 @@
 """Training helpers: resumable sampling, EMA, the last-finite-state guard, learning-rate schedules, freezing.
 
-Everything here is independent of the command line; ``train.py`` wires it together.
+Everything here is independent of the command line; :class:`utils.training.trainer.Trainer` wires it together.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import math
+import os
 import signal
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -273,6 +274,14 @@ def load_backbone_weights(model: nn.Module, path: Union[str, Path]) -> int:
         raise ValueError(f"{path}: not an EfficientNet-B{target.variant} state_dict (missing {missing[0]!r})")
     target.load_state_dict(loaded, strict=False)
     return len(loaded)
+
+
+def distributed_context() -> Tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
 class Interrupted(Exception):

@@ -1,0 +1,11 @@
+"""Training: the loop (:mod:`.trainer`), its state and resumption (:mod:`.state`), its log and debug images
+(:mod:`.reporting`), the building blocks (:mod:`.parts`: loss wrapper, EMA, sampler, finite guard, stop
+signals) and the processes (:mod:`.launch`). ``train.py`` is the command line over :func:`run_training`.
+"""
+from utils.training.parts import (FiniteGuard, Interrupted, ModelEMA, ModelWithLoss, ResumableSampler, StopRequest,
+                                  freeze_backbone_and_bifpn, load_backbone_weights, warmup_cosine_lambda)
+from utils.training.trainer import Trainer
+from utils.training.launch import run_training
+
+__all__ = ["FiniteGuard", "Interrupted", "ModelEMA", "ModelWithLoss", "ResumableSampler", "StopRequest",
+           "Trainer", "freeze_backbone_and_bifpn", "load_backbone_weights", "run_training", "warmup_cosine_lambda"]
