@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from efficientdet.dataset import read_coco_json, read_json
+from efficientdet.coco import read_coco_json, read_json
 
 if TYPE_CHECKING:  # utils.inference imports torch and the model; only its types are needed here
     from utils.inference import Detections, Detector

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from efficientdet.transforms import resized_shape  # the letterbox geometry, one definition for training and inference
+
 DEFAULT_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 DEFAULT_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -126,18 +128,6 @@ def load_images(images: ImageInput) -> Tuple[List[np.ndarray], List[str]]:
     if not loaded:
         raise ValueError("no images given")
     return loaded, sources
-
-
-def resized_shape(old_h: int, old_w: int, canvas_h: int, canvas_w: int) -> Tuple[int, int]:
-    """(new_h, new_w) of the aspect-preserving fit, as the published code rounds it (``int()`` truncation).
-
-    For a square canvas: the longer side becomes the canvas side, the other ``int(side / longer · shorter)``.
-    """
-    if canvas_w / old_w <= canvas_h / old_h:  # width-limited (on a square canvas: old_w >= old_h)
-        new_w, new_h = canvas_w, int(canvas_w / old_w * old_h)
-    else:
-        new_w, new_h = int(canvas_h / old_h * old_w), canvas_h
-    return max(new_h, 1), max(new_w, 1)
 
 
 def fit_to_canvas(image: np.ndarray, canvas_h: int, canvas_w: int, interpolation: int = cv2.INTER_LINEAR,

@@ -1,0 +1,276 @@
+"""The image pipeline of training and validation samples (SPEC §3, §6).
+
+The image pipeline is the published one: BGR -> RGB, / 255, ``Normalizer`` (mean, std), then
+``HorizontalFlip`` (training), then ``Resizer`` (aspect-preserving resize so the longer side is the input
+size, pasted at the top-left of a zero canvas: the geometry of inference pre-processing) or, with scale
+jitter, ``RandomScaleCrop`` (the official recipe: random scale 0.1-2.0 of the output size, random crop,
+zero padding at the bottom/right). Without a transform a sample holds the RGB image in [0, 1] at its
+original size (``scale`` 1.0).
+
+Randomness: every transform draws from a ``numpy.random.Generator`` handed to it. With ``seed`` set, the
+dataset gives sample ``index`` the generator ``default_rng([seed, epoch, index])``: the same augmentation
+whatever the worker, the number of workers or the order of loading (call :meth:`CocoDataset.set_epoch`
+each epoch; DataLoader workers get a fresh copy of the dataset at each epoch unless
+``persistent_workers=True``). Without a seed each sample gets fresh OS entropy (never the duplicated
+numpy global state of forked workers).
+"""
+from __future__ import annotations
+
+import inspect
+import numbers
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+
+
+Sample = Dict[str, Any]
+#: Our transforms: ``transform(sample, rng) -> sample`` (``rng`` optional on the classes of this module).
+Transform = Callable[[Sample, np.random.Generator], Sample]
+#: The published convention: ``transform(sample) -> sample`` (e.g. ``torchvision.transforms.Compose``).
+PublishedTransform = Callable[[Sample], Sample]
+
+#: Boxes narrower or lower than this (pixels) are dropped, at loading and after jitter + crop.
+MIN_BOX_SIZE = 1.0
+
+
+def resized_shape(old_h: int, old_w: int, canvas_h: int, canvas_w: int) -> Tuple[int, int]:
+    """(new_h, new_w) of the aspect-preserving fit, as the published code rounds it (``int()`` truncation).
+
+    For a square canvas: the longer side becomes the canvas side, the other ``int(side / longer · shorter)``.
+    """
+    if canvas_w / old_w <= canvas_h / old_h:  # width-limited (on a square canvas: old_w >= old_h)
+        new_w, new_h = canvas_w, int(canvas_w / old_w * old_h)
+    else:
+        new_w, new_h = int(canvas_h / old_h * old_w), canvas_h
+    return max(new_h, 1), max(new_w, 1)
+
+
+
+def letterbox_size(height: int, width: int, size: int) -> Tuple[int, int, float]:
+    """Size of an image resized so that its longer side is ``size``, keeping its aspect.
+
+    Returns ``(new_height, new_width, scale)`` with ``scale = size / max(height, width)``; the sides are
+    those of :func:`resized_shape`, which inference pre-processing (:mod:`utils.preprocess`) uses too, so
+    training and inference see identical geometry. Boxes scale by ``scale``.
+    """
+    if height <= 0 or width <= 0 or size <= 0:
+        raise ValueError(f"letterbox_size: sides must be positive, got height={height}, width={width}, size={size}")
+    new_h, new_w = resized_shape(height, width, size, size)
+    return new_h, new_w, size / max(height, width)
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """cv2 bilinear resize of ``np.ndarray[H, W, 3]`` to ``[height, width, 3]`` (no-op when equal)."""
+    if image.shape[0] == height and image.shape[1] == width:
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def _generator(rng: Optional[np.random.Generator]) -> np.random.Generator:
+    """``rng``, or a fresh generator (OS entropy) for the published one-argument call ``t(sample)``."""
+    return rng if rng is not None else np.random.default_rng()
+
+
+def takes_rng(transform: Callable[..., Sample]) -> bool:
+    """Whether ``transform`` is called as ``transform(sample, rng)`` rather than ``transform(sample)``.
+
+    True where its second positional parameter is named ``rng`` (the transforms of this module) or has no
+    default (``lambda sample, rng: ...``); False for one-parameter callables (the published transforms,
+    ``torchvision.transforms.Compose``), for a second parameter with a default under another name (the
+    published ``Augmenter.__call__(sample, flip_x=0.5)``) and where no signature can be read.
+    """
+    try:
+        parameters = list(inspect.signature(transform).parameters.values())
+    except (TypeError, ValueError):  # builtins and C extensions without a readable signature
+        return False
+    positional = [p for p in parameters
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2:
+        return False
+    return positional[1].name == "rng" or positional[1].default is inspect.Parameter.empty
+
+
+def apply_transform(transform: Union[Transform, PublishedTransform], sample: Sample,
+                    rng: Optional[np.random.Generator] = None) -> Sample:
+    """``transform(sample, rng)`` where it takes a generator (:func:`takes_rng`), else ``transform(sample)``."""
+    return transform(sample, _generator(rng)) if takes_rng(transform) else transform(sample)
+
+
+class Normalizer:
+    """``(img - mean) / std`` per RGB channel; the image becomes float32 (published ``Normalizer(mean=, std=)``)."""
+
+    def __init__(self, mean: Sequence[float] = (0.485, 0.456, 0.406),
+                 std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, 3)
+        self.std = np.asarray(std, dtype=np.float32).reshape(1, 1, 3)
+
+    def __call__(self, sample: Sample, rng: Optional[np.random.Generator] = None) -> Sample:
+        sample["img"] = ((sample["img"].astype(np.float32) - self.mean) / self.std).astype(np.float32)
+        return sample
+
+
+class HorizontalFlip:
+    """Mirror the image left-right with probability ``p``; boxes ``x1' = W - x2``, ``x2' = W - x1``."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"HorizontalFlip: p must be in [0, 1], got {p}")
+        self.p = p
+
+    def __call__(self, sample: Sample, rng: Optional[np.random.Generator] = None) -> Sample:
+        return self._flip(sample, _generator(rng), self.p)
+
+    @staticmethod
+    def _flip(sample: Sample, rng: np.random.Generator, p: float) -> Sample:
+        if rng.random() >= p:
+            return sample
+        image, annot = sample["img"], sample["annot"]
+        width = image.shape[1]
+        sample["img"] = np.ascontiguousarray(image[:, ::-1, :])
+        annot = annot.copy()
+        x1 = annot[:, 0].copy()
+        annot[:, 0] = width - annot[:, 2]
+        annot[:, 2] = width - x1
+        sample["annot"] = annot
+        return sample
+
+
+class Augmenter(HorizontalFlip):
+    """The published ``Augmenter``: horizontal flip with probability 0.5, ``augmenter(sample, flip_x=0.5)``.
+
+    Our :class:`HorizontalFlip` (same draws, so a seeded dataset gives the same flips with either). The
+    probability is ``flip_x`` when given (keyword, or a number as the second positional argument, the
+    published call), else ``p``.
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__(p)
+
+    def __call__(self, sample: Sample, rng: Union[np.random.Generator, float, None] = None,
+                 flip_x: Optional[float] = None) -> Sample:
+        if isinstance(rng, numbers.Real):  # published positional call: augmenter(sample, 0.3)
+            rng, flip_x = None, float(rng)
+        p = self.p if flip_x is None else float(flip_x)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Augmenter: flip_x must be in [0, 1], got {flip_x}")
+        return self._flip(sample, _generator(rng), p)
+
+
+class Resizer:
+    """Aspect-preserving resize so the longer side is ``size``, pasted top-left on a zero ``size × size`` canvas.
+
+    Identical geometry to inference pre-processing (SPEC §3). Boxes are multiplied by ``scale`` (stored in
+    the sample); none are dropped (as the published ``Resizer``). ``img_size`` is the published keyword for
+    ``size`` (``Resizer(img_size=512)``). Unlike the published one, 'img' and 'annot' stay numpy arrays
+    (:func:`collater` takes either).
+    """
+
+    def __init__(self, size: int = 512, img_size: Optional[int] = None) -> None:
+        if img_size is not None:
+            size = img_size
+        if int(size) <= 0:
+            raise ValueError(f"Resizer: size must be positive, got {size}")
+        self.size = int(size)
+
+    @property
+    def img_size(self) -> int:
+        """The published name of :attr:`size`."""
+        return self.size
+
+    def __call__(self, sample: Sample, rng: Optional[np.random.Generator] = None) -> Sample:
+        image = sample["img"]
+        new_h, new_w, scale = letterbox_size(image.shape[0], image.shape[1], self.size)
+        canvas = np.zeros((self.size, self.size, 3), dtype=np.float32)
+        canvas[:new_h, :new_w] = _resize(image, new_h, new_w)
+        annot = sample["annot"].astype(np.float32, copy=True)
+        annot[:, :4] *= scale
+        sample.update(img=canvas, annot=annot, scale=float(sample.get("scale", 1.0)) * scale)
+        return sample
+
+
+class RandomScaleCrop:
+    """Random scale jitter with crop to ``size × size`` (the official recipe, SPEC §6).
+
+    A factor ``f ~ U(scale_range)`` gives the target ``int(f * size)``; the image is resized by
+    ``s = min(int(f * size) / H, int(f * size) / W)`` (aspect kept) to ``int(H * s) × int(W * s)``; a random
+    ``size × size`` window is cropped where the scaled image is larger (offset ``int(U(0, 1) * excess)``),
+    and the result is pasted top-left on a zero canvas. Boxes: ``b * s - offset``, clipped to
+    ``[0, size]``; boxes narrower or lower than ``min_box_size`` after clipping are removed (the official
+    code removes zero-area boxes). With ``f = 1`` this is exactly :class:`Resizer`. The sample's ``scale``
+    becomes ``s`` (times any earlier scale); mapping boxes back also needs the crop offset, so evaluate
+    with :class:`Resizer`.
+    """
+
+    def __init__(self, size: int = 512, scale_range: Tuple[float, float] = (0.1, 2.0),
+                 min_box_size: float = MIN_BOX_SIZE) -> None:
+        low, high = float(scale_range[0]), float(scale_range[1])
+        if int(size) <= 0:
+            raise ValueError(f"RandomScaleCrop: size must be positive, got {size}")
+        if not 0.0 < low <= high:
+            raise ValueError(f"RandomScaleCrop: scale_range must satisfy 0 < min <= max, got {scale_range}")
+        self.size = int(size)
+        self.scale_range = (low, high)
+        self.min_box_size = float(min_box_size)
+
+    def __call__(self, sample: Sample, rng: Optional[np.random.Generator] = None) -> Sample:
+        rng = _generator(rng)
+        image = sample["img"]
+        height, width = image.shape[:2]
+        factor = rng.uniform(*self.scale_range)
+        target = max(1, int(factor * self.size))
+        scale = min(target / height, target / width)
+        scaled_h, scaled_w = max(1, int(height * scale)), max(1, int(width * scale))
+        offset_y = int(max(0, scaled_h - self.size) * rng.uniform(0.0, 1.0))
+        offset_x = int(max(0, scaled_w - self.size) * rng.uniform(0.0, 1.0))
+        scaled = _resize(image, scaled_h, scaled_w)
+        crop = scaled[offset_y:offset_y + self.size, offset_x:offset_x + self.size]
+        canvas = np.zeros((self.size, self.size, 3), dtype=np.float32)
+        canvas[:crop.shape[0], :crop.shape[1]] = crop
+
+        annot = sample["annot"].astype(np.float32, copy=True)
+        annot[:, :4] *= scale
+        annot[:, [0, 2]] -= offset_x
+        annot[:, [1, 3]] -= offset_y
+        annot[:, :4] = np.clip(annot[:, :4], 0.0, float(self.size))
+        keep = ((annot[:, 2] - annot[:, 0]) >= self.min_box_size) & ((annot[:, 3] - annot[:, 1]) >= self.min_box_size)
+        sample.update(img=canvas, annot=annot[keep], scale=float(sample.get("scale", 1.0)) * scale)
+        return sample
+
+
+class Compose:
+    """Apply transforms in order: ``t(sample, rng)``, or ``t(sample)`` for one-argument (published) ones.
+
+    ``compose(sample)`` (the published call, as ``torchvision.transforms.Compose``) draws from one fresh
+    generator; ``compose(sample, rng)`` from ``rng``, shared by all transforms in order (deterministic with a
+    seeded generator).
+    """
+
+    def __init__(self, transforms: Sequence[Union[Transform, PublishedTransform]]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: Sample, rng: Optional[np.random.Generator] = None) -> Sample:
+        rng = _generator(rng)
+        for transform in self.transforms:
+            sample = apply_transform(transform, sample, rng)
+        return sample
+
+    def __repr__(self) -> str:
+        return f"Compose({[type(t).__name__ for t in self.transforms]})"
+
+
+def build_transform(input_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
+                    flip: bool = True, scale_jitter: bool = False,
+                    jitter_range: Tuple[float, float] = (0.1, 2.0), flip_p: float = 0.5) -> Compose:
+    """The pipeline: ``Normalizer``, [``HorizontalFlip``], ``RandomScaleCrop`` or ``Resizer``.
+
+    ``train=False`` ignores ``flip`` and ``scale_jitter`` (validation: normalise + resize only).
+    """
+    transforms: List[Transform] = [Normalizer(mean, std)]
+    if train and flip:
+        transforms.append(HorizontalFlip(flip_p))
+    if train and scale_jitter:
+        transforms.append(RandomScaleCrop(input_size, jitter_range))
+    else:
+        transforms.append(Resizer(input_size))
+    return Compose(transforms)
