@@ -16,7 +16,6 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
-from utils import evaluation
 from utils.evaluation import (STAT_NAMES, detections_to_coco, evaluate_coco, file_sha256, format_metrics,
                               load_results, metrics_to_json, provenance_mismatch, provenance_path,
                               run_detector_on_set, save_results)
@@ -516,7 +515,7 @@ def test_interrupted_save_never_leaves_a_valid_pair(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real_replace(source, target)
 
-    monkeypatch.setattr(evaluation.os, "replace", replace_results_only)
+    monkeypatch.setattr(os, "replace", replace_results_only)
     other = [dict(RECORDS[0], score=0.9)]
     with pytest.raises(OSError, match="No space left"):
         save_results(results_file, other, dict(PROVENANCE, threshold=0.3))
