@@ -110,4 +110,4 @@ def build_model(compound_coef: int, project) -> EfficientDetBackbone:
     scales and ratios, and its ``pool_padding`` key ("published" unless the YAML says "official")."""
     return EfficientDetBackbone(num_classes=project.num_classes, compound_coef=compound_coef,
                                 ratios=project.anchors_ratios, scales=project.anchors_scales,
-                                pool_padding=str(project.extra.get("pool_padding", "published")))
+                                pool_padding=getattr(project, "pool_padding", "published"))

@@ -202,3 +202,15 @@ def test_missing_file_and_bad_yaml(tmp_path):
     scalar.write_text("just a string\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"scalar\.yml: expected a mapping"):
         load_project(scalar)
+
+
+def test_pool_padding_and_loss_are_typed_choices(tmp_path):
+    assert (load_project("coco").pool_padding, load_project("coco").loss) == ("published", "yaep")
+    assert load_project("coco_official").pool_padding == "official"
+    data = _shape_data()
+    data["loss"] = "official"
+    project = load_project(_write(tmp_path, data))
+    assert project.loss == "official" and "loss" not in project.extra
+    data["pool_padding"] = "zeros"
+    with pytest.raises(ValueError, match=r"key 'pool_padding': expected one of published, official \(got 'zeros'\)"):
+        load_project(_write(tmp_path, data))

@@ -164,6 +164,10 @@ class ProjectConfig:
     anchors_scales: Tuple[float, ...]
     anchors_ratios: Tuple[Tuple[float, float], ...]
     obj_list: Tuple[str, ...]
+    #: BiFPN max-pool padding: "published" (zeros, the published checkpoints) or "official" (-inf, TensorFlow).
+    pool_padding: str = "published"
+    #: Training loss formulation: "yaep" (published) or "official" (``train.py --loss`` overrides it).
+    loss: str = "yaep"
     path: str = ""
     extra: Dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -178,6 +182,8 @@ class ProjectConfig:
 
 REQUIRED_KEYS = ("project_name", "train_set", "val_set", "num_gpus", "mean", "std", "anchors_scales",
                  "anchors_ratios", "obj_list")
+#: Optional keys with a fixed set of values (the first is the default).
+CHOICE_KEYS: Dict[str, Tuple[str, ...]] = {"pool_padding": ("published", "official"), "loss": ("yaep", "official")}
 
 
 def resolve_project_path(project: Union[str, Path]) -> Path:
@@ -247,8 +253,14 @@ def load_project(project: Union[str, Path]) -> ProjectConfig:
     if any(isinstance(n, (list, dict)) for n in obj_list):
         raise bad("obj_list", "expected class names (strings), not nested lists or mappings")
     names = tuple("" if n is None else str(n) for n in obj_list)
-    extra = {k: v for k, v in data.items() if k not in REQUIRED_KEYS}
+    choices = {}
+    for key, allowed in CHOICE_KEYS.items():
+        choices[key] = data.get(key, allowed[0])
+        if choices[key] not in allowed:
+            raise bad(key, f"expected one of {', '.join(allowed)}")
+    extra = {k: v for k, v in data.items() if k not in REQUIRED_KEYS and k not in CHOICE_KEYS}
     return ProjectConfig(
         project_name=str(data["project_name"]), train_set=str(data["train_set"]), val_set=str(data["val_set"]),
         num_gpus=num_gpus, mean=stats["mean"], std=stats["std"], anchors_scales=tuple(scales),
-        anchors_ratios=tuple((r[0], r[1]) for r in ratios), obj_list=names, path=str(path), extra=extra)
+        anchors_ratios=tuple((r[0], r[1]) for r in ratios), obj_list=names, path=str(path), extra=extra,
+        **choices)

@@ -62,7 +62,7 @@ class Trainer:
         saved = resume.state if resume is not None else None
         self._lr_given = args.lr is not None
         self.args = args = resolve_settings(args, saved, self.log)
-        self.loss_name = args.loss or str(self.project.extra.get("loss", "yaep"))
+        self.loss_name = args.loss or self.project.loss
         seed_everything(args.seed)
         # Tiny Adam second moments and activations become denormal floats, which run 10-100x slower
         # on CPUs; flushing them to zero changes nothing measurable.
