@@ -46,6 +46,7 @@ from utils.evaluation import (detections_to_coco, evaluate_coco, file_sha256, fo
                               metrics_to_json, provenance_mismatch, provenance_path, run_detector_on_set,
                               save_results)
 from utils.inference import Detector
+from utils.postprocess import EVAL_THRESHOLDS
 from utils.project import ProjectConfig, load_project
 from utils.cli import add_bool_arg, add_inference_args, add_model_args, run_script
 
@@ -57,8 +58,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--data_path", default="datasets/",
                         help="root of the datasets: {data_path}/{project_name}/... (default datasets/)")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (default 1)")
-    parser.add_argument("--threshold", type=float, default=0.05, help="score threshold (default 0.05)")
-    parser.add_argument("--nms_threshold", type=float, default=0.5, help="NMS IoU threshold (default 0.5)")
+    parser.add_argument("--threshold", type=float, default=EVAL_THRESHOLDS.score,
+                        help="score threshold (default %(default)s)")
+    parser.add_argument("--nms_threshold", type=float, default=EVAL_THRESHOLDS.iou,
+                        help="NMS IoU threshold (default %(default)s)")
     parser.add_argument("--nms", choices=("hard", "soft"), default="hard",
                         help="hard: threshold + batched NMS (published); soft: the official evaluation "
                              "(top-5000, per-class gaussian soft-NMS, 100 boxes; ignores the thresholds)")

@@ -19,8 +19,9 @@ import cv2
 from utils.download import ensure_weights
 from utils.draw import draw_detections
 from utils.inference import Detections, Detector
+from utils.postprocess import DEMO_THRESHOLDS
 from utils.preprocess import list_images
-from utils.cli import add_bool_arg, add_inference_args, add_model_args, run_script
+from utils.cli import add_bool_arg, add_inference_args, add_model_args, add_threshold_args, run_script
 
 DEFAULT_IMAGE = str(Path(__file__).resolve().parent / "test" / "img.jpg")  # the sample shipped in the repo
 SPEED_TEST_RUNS = 10
@@ -30,8 +31,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(parser)
     parser.add_argument("--images", nargs="+", default=[DEFAULT_IMAGE], help="image files and/or folders")
-    parser.add_argument("--threshold", type=float, default=0.2, help="score threshold (keep score > it)")
-    parser.add_argument("--iou_threshold", type=float, default=0.2, help="NMS IoU threshold (suppress IoU > it)")
+    add_threshold_args(parser, DEMO_THRESHOLDS)
     parser.add_argument("--output", default="test", help="folder for the annotated images (default test/)")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (default 1)")
     add_bool_arg(parser, "--speed_test", help=f"time {SPEED_TEST_RUNS} runs on the first batch after one warm-up and print FPS")

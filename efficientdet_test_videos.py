@@ -18,7 +18,8 @@ import cv2
 from utils.download import ensure_weights
 from utils.draw import draw_detections
 from utils.inference import Detector
-from utils.cli import add_inference_args, add_model_args, run_script
+from utils.postprocess import DEMO_THRESHOLDS
+from utils.cli import add_inference_args, add_model_args, add_threshold_args, run_script
 
 DEFAULT_FPS = 25.0
 
@@ -29,8 +30,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--video", required=True, help="video file, or a webcam index such as 0")
     parser.add_argument("--output", default="test/video_det.mp4",
                         help="annotated video (mp4v), default test/video_det.mp4")
-    parser.add_argument("--threshold", type=float, default=0.2, help="score threshold (keep score > it)")
-    parser.add_argument("--iou_threshold", type=float, default=0.2, help="NMS IoU threshold (suppress IoU > it)")
+    add_threshold_args(parser, DEMO_THRESHOLDS)
     parser.add_argument("--max_frames", type=int, default=None, help="stop after this many frames (default: all)")
     add_inference_args(parser)
     return parser.parse_args(argv)

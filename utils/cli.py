@@ -7,7 +7,7 @@ import ctypes.util
 import logging
 import os
 import sys
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 KEEP_MEMORY_ENV = "EFFDET_KEEP_MEMORY"  # "0" turns the allocator tuning of run_script off
 
@@ -51,6 +51,15 @@ def add_model_args(parser: argparse.ArgumentParser, weights_help: str = DEFAULT_
     parser.add_argument("-p", "--project", default=project_default,
                         help="project name (projects/NAME.yml) or path of a project YAML (default %(default)s)")
     parser.add_argument(*weights_flags, default=None, help=weights_help)
+
+
+def add_threshold_args(parser: argparse.ArgumentParser, preset: Any) -> None:
+    """``--threshold`` (keep score > it) and ``--iou_threshold`` (NMS: suppress IoU > it), defaulting to
+    ``preset.score`` / ``preset.iou`` (a :class:`utils.postprocess.Thresholds`)."""
+    parser.add_argument("--threshold", type=float, default=preset.score,
+                        help="score threshold (keep score > it; default %(default)s)")
+    parser.add_argument("--iou_threshold", type=float, default=preset.iou,
+                        help="NMS IoU threshold (suppress IoU > it; default %(default)s)")
 
 
 def add_inference_args(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor
 from backbone import EfficientDetBackbone, build_model
 from utils.device import select_device
 from utils.optimize import InferenceModel
-from utils.postprocess import Detections, postprocess
+from utils.postprocess import DEMO_THRESHOLDS, Detections, postprocess
 from utils.preprocess import ImageInput, ImageMeta, SizeSpec, boxes_to_original, canvas_size, preprocess
 from utils.project import ProjectConfig, load_project
 from utils.soft_nms import official_postprocess
@@ -69,7 +69,8 @@ class Detector:
 
     def __init__(self, model: EfficientDetBackbone, project: ProjectConfig, input_size: Optional[SizeSpec] = None,
                  device: Optional[Union[str, torch.device]] = None, float16: bool = False,
-                 threshold: float = 0.2, iou_threshold: float = 0.2, clip_to_image: bool = True,
+                 threshold: float = DEMO_THRESHOLDS.score, iou_threshold: float = DEMO_THRESHOLDS.iou,
+                 clip_to_image: bool = True,
                  nms: str = "hard", mode: str = "eager") -> None:
         if nms not in ("hard", "soft"):
             raise ValueError(f"nms must be 'hard' or 'soft', got {nms!r}")

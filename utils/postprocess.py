@@ -17,6 +17,22 @@ from torch import Tensor
 from efficientdet.anchors import BBoxTransform, ClipBoxes
 from utils.nms import batched_nms
 
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A score threshold (keep score > ``score``) and an NMS IoU threshold (suppress IoU > ``iou``)."""
+
+    score: float
+    iou: float
+
+
+#: The named presets (the published values): the demo and video scripts, COCO evaluation (also
+#: ``train.py --val_map``), and the ``--debug`` training images.
+DEMO_THRESHOLDS = Thresholds(score=0.2, iou=0.2)
+EVAL_THRESHOLDS = Thresholds(score=0.05, iou=0.5)
+DEBUG_THRESHOLDS = Thresholds(score=0.5, iou=0.3)
+
 _REGRESS = BBoxTransform()
 _CLIP = ClipBoxes()
 

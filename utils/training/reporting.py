@@ -13,7 +13,7 @@ from torch import Tensor
 
 from utils.draw import draw_detections
 from utils.plot import plot_training_log
-from utils.postprocess import postprocess
+from utils.postprocess import DEBUG_THRESHOLDS, postprocess
 
 DEBUG_DIR = Path("test")  # --debug images, as published
 
@@ -58,7 +58,7 @@ class RunLog:
 
 def save_debug_image(path: Path, images: Tensor, outputs: Tuple[Tensor, Tensor, Tensor], mean: Sequence[float],
                      std: Sequence[float], obj_list: Sequence[str]) -> None:
-    """The batch's first image with the boxes the model predicts now (score > 0.5, NMS 0.3), as a JPEG.
+    """The batch's first image with the boxes the model predicts now (:data:`DEBUG_THRESHOLDS`), as a JPEG.
 
     Args:
         images: Tensor[B, 3, H, W], normalised RGB (the network input).
@@ -66,7 +66,8 @@ def save_debug_image(path: Path, images: Tensor, outputs: Tuple[Tensor, Tensor, 
     """
     regression, logits, anchors = (t.detach().float() for t in outputs)
     dets = postprocess((int(images.shape[2]), int(images.shape[3])), anchors, regression[:1],
-                       logits[:1].sigmoid(), threshold=0.5, iou_threshold=0.3, obj_list=obj_list)[0]
+                       logits[:1].sigmoid(), threshold=DEBUG_THRESHOLDS.score, iou_threshold=DEBUG_THRESHOLDS.iou,
+                       obj_list=obj_list)[0]
     rgb = (images[0].detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1))
     bgr = np.ascontiguousarray(rgb.clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()[..., ::-1])
     canvas = draw_detections(bgr, dets.boxes, dets.class_ids, dets.scores, dets.class_names)

@@ -28,6 +28,7 @@ from utils.checkpoints import ResumePoint, best_name, checkpoint_name, save_chec
 from utils.device import select_device
 from utils.evaluation import evaluate_detector
 from utils.inference import Detector
+from utils.postprocess import EVAL_THRESHOLDS
 from utils.project import ProjectConfig, load_project
 from utils.training.parts import (FiniteGuard, Interrupted, ModelEMA, ModelWithLoss, ResumableSampler, StopRequest,
                                   distributed_context, freeze_backbone_and_bifpn, load_backbone_weights)
@@ -251,9 +252,9 @@ class Trainer:
         return metrics
 
     def _val_map(self, model: EfficientDetBackbone) -> float:
-        """COCO mAP@[.5:.95] of ``model`` on the val set (the evaluator's defaults: 0.05 / NMS 0.5)."""
+        """COCO mAP@[.5:.95] of ``model`` on the val set (the evaluator's thresholds, ``EVAL_THRESHOLDS``)."""
         detector = Detector(model, self.project, input_size=self.input_size, device=self.device,
-                            threshold=0.05, iou_threshold=0.5)
+                            threshold=EVAL_THRESHOLDS.score, iou_threshold=EVAL_THRESHOLDS.iou)
         set_name = self.project.val_set
         metrics, _ = evaluate_detector(detector, self.data_root / set_name,
                                        annotation_path(self.data_root, set_name),
