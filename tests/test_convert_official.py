@@ -162,7 +162,7 @@ def test_raw_variables_do_not_reproduce_it(reader, official_vectors):
 def test_official_project_matches_the_converter():
     project = load_project("projects/coco_official.yml")
     np.testing.assert_allclose(project.anchors_ratios, OFFICIAL_RATIOS, rtol=0, atol=1e-12)
-    assert project.extra.get("pool_padding") == "official"
+    assert project.pool_padding == "official"
     assert project.num_classes == 90 and project.obj_list[0] == "person" and project.obj_list[11] == ""
     assert [i + 1 for i, n in enumerate(project.obj_list) if not n] == [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
 
