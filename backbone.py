@@ -1,6 +1,7 @@
 """The assembled detector: EfficientNet → BiFPN cells → Regressor and Classifier, plus Anchors."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence, Tuple
 
@@ -9,8 +10,9 @@ from torch import Tensor, nn
 
 from efficientdet.anchors import DEFAULT_RATIOS, DEFAULT_SCALES, Anchors
 from efficientdet.config import ModelConfig, get_model_config
-from efficientdet.model import BiFPN, Classifier, Regressor
+from efficientdet.model import BiFPN, Classifier, InferenceHeads, Regressor
 from efficientnet.model import EfficientNetBackbone
+from efficientnet.utils import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, Swish
 
 CLASS_PRIOR = 0.01  # official initial foreground probability of the class head
 
@@ -103,6 +105,62 @@ class EfficientDetBackbone(nn.Module):
         classification = self.classifier(features)
         anchors = self.anchors(inputs)
         return features, regression, classification, anchors
+
+    @torch.no_grad()
+    def fold_batchnorm(self) -> "EfficientDetBackbone":
+        """A copy (eval mode) with every BatchNorm folded into the convolution before it: backbone convs,
+        BiFPN node and down-channel convs, and the heads' per-level BNs (each level gets its own folded copy
+        of the shared convs, :class:`efficientdet.model.FoldedHead`). Same outputs; for inference only."""
+        model = copy.deepcopy(self).eval()
+        model.backbone_net.model.fold_batchnorm_()
+        for cell in model.bifpn:
+            cell.fold_batchnorm_()
+        model.regressor = model.regressor.fold_batchnorm()
+        model.classifier = model.classifier.fold_batchnorm()
+        remaining = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        if remaining:
+            raise RuntimeError(f"BatchNorm left unfolded: {remaining[:3]}")
+        return model
+
+    @torch.no_grad()
+    def fuse(self) -> "FusedEfficientDet":
+        """This detector specialised for inference (a copy; the ``fused`` mode of :mod:`utils.optimize`):
+        BatchNorm folded (:meth:`fold_batchnorm`), then each module in its inference form (``fuse()`` of
+        the same-padding convs and pools, swish, the MBConv blocks and the two heads side by side). Same
+        outputs up to float round-off; not trainable, not a checkpoint."""
+        model = self.fold_batchnorm()
+        model.backbone_net.model.fuse_()
+        fused = FusedEfficientDet(model, InferenceHeads(model.regressor, model.classifier))
+        for module in fused.modules():
+            for name, child in list(module.named_children()):
+                if isinstance(child, (Swish, Conv2dStaticSamePadding, MaxPool2dStaticSamePadding)):
+                    setattr(module, name, child.fuse())
+        return fused
+
+
+class FusedEfficientDet(nn.Module):
+    """The inference form of an :class:`EfficientDetBackbone` (:meth:`EfficientDetBackbone.fuse`): the same
+    ``forward`` contract, ``(features, regression, classification, anchors)``; not trainable, not a checkpoint."""
+
+    def __init__(self, model: EfficientDetBackbone, heads: InferenceHeads) -> None:
+        super().__init__()
+        self.config = model.config
+        self.compound_coef = model.compound_coef
+        self.num_classes = model.num_classes
+        self.backbone_net = model.backbone_net
+        self.bifpn = model.bifpn
+        self.heads = heads
+        self.anchors = model.anchors
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """See :meth:`EfficientDetBackbone.check_input_size`."""
+        check_input_size(self.config, height, width)
+
+    def forward(self, inputs: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+        check_images(inputs, self.config)
+        features = self.bifpn(self.backbone_net(inputs))
+        regression, classification = self.heads(features)
+        return features, regression, classification, self.anchors(inputs)
 
 
 def build_model(compound_coef: int, project) -> EfficientDetBackbone:

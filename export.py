@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from backbone import build_model
-from utils.optimize import ExportModule, export_onnx
+from utils.onnx_export import ExportModule, export_onnx
 from utils.project import load_project
 from utils.weights import load_weights
 from utils.cli import add_bool_arg, add_model_args, run_script

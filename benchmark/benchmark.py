@@ -270,34 +270,15 @@ def run(args: argparse.Namespace) -> int:
     base = build_model(args.compound_coef, project).eval().to(device)
     size = args.input_size if args.input_size is not None else base.config.input_size
     base.check_input_size(size, size)
-    if args.modes:
-        modes = [mode_name(m) for m in args.modes]
-    else:
-        modes = list(CUDA_MODES if device.type == "cuda" else CPU_MODES)
-        if not bf16_supported(device):
-            modes = [m for m in modes if "bf16" not in parse_mode(m)]
-    modes = ["eager"] + [m for m in dict.fromkeys(modes) if m != "eager"]  # the reference first
-    if args.weights:
-        load_weights(base, args.weights, strict_classes=True)
-        origin = f"weights {args.weights}"
-    else:
-        calibration = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(args.seed)).to(device)
-        calibrate_class_bias(base, calibration, args.threshold, args.candidates)
-        origin = f"random weights (seed {args.seed}), class bias set for ~{args.candidates} candidates"
-    onnx_dir = None
-    onnx_path = None
-    if args.onnx:
-        if device.type != "cpu":
-            raise ValueError("--onnx times the CPU execution provider: use --device cpu")
-        from utils.optimize import export_onnx
-
-        onnx_dir = tempfile.TemporaryDirectory()
-        onnx_path = str(Path(onnx_dir.name) / "model.onnx")
-        export_onnx(base, onnx_path, (size, size), dynamic_batch=True)
+    modes = _select_modes(args.modes, device)
+    origin = _set_weights(base, args, size, device)
+    onnx_dir, onnx_path = _export_onnx_model(base, args.onnx, size, device)
+    if onnx_dir is not None:
         modes.append("onnx")
     name = base.config.name
     print(f"{name}, input {size}x{size}, {device}, {args.threads} threads, torch {torch.__version__}, "
-          f"{origin}{', mallopt keep memory' if args.keep_memory else ''}; {args.rounds} rounds of one warm-up and {args.runs} timed runs per mode, "
+          f"{origin}{', mallopt keep memory' if args.keep_memory else ''}; "
+          f"{args.rounds} rounds of one warm-up and {args.runs} timed runs per mode, "
           f"post-processing included")
     all_results: List[Result] = []
     for batch_size in batch_sizes:
@@ -305,11 +286,7 @@ def run(args: argparse.Namespace) -> int:
                                  args.iou_threshold, args.seed, args.threads, onnx_path, args.rounds)
     print("\n".join(format_table(all_results)))
     if len(batch_sizes) > 1:
-        first, last = min(batch_sizes), max(batch_sizes)
-        per_mode = {(r.mode, r.batch_size): r for r in all_results}
-        for mode in modes:
-            ratio = per_mode[(mode, last)].images_per_s / per_mode[(mode, first)].images_per_s
-            print(f"images/s batch {last} / batch {first}: {ratio:.2f} ({mode})")
+        _print_batch_ratios(all_results, batch_sizes, modes)
     if onnx_dir is not None:
         onnx_dir.cleanup()
     if args.json:
@@ -319,6 +296,51 @@ def run(args: argparse.Namespace) -> int:
                    "results": [r.summary(eager.get(r.batch_size)) for r in all_results]}
         Path(args.json).write_text(json.dumps(payload, indent=2))
     return 0
+
+
+def _select_modes(requested: Optional[Sequence[str]], device: torch.device) -> List[str]:
+    """The modes to time, ``eager`` (the reference) first: ``requested`` or the device's defaults."""
+    if requested:
+        modes = [mode_name(m) for m in requested]
+    else:
+        modes = list(CUDA_MODES if device.type == "cuda" else CPU_MODES)
+        if not bf16_supported(device):
+            modes = [m for m in modes if "bf16" not in parse_mode(m)]
+    return ["eager"] + [m for m in dict.fromkeys(modes) if m != "eager"]
+
+
+def _set_weights(base: EfficientDetBackbone, args: argparse.Namespace, size: int, device: torch.device) -> str:
+    """Load ``--weights`` into ``base``, or calibrate its random class bias; returns where the weights came from."""
+    if args.weights:
+        load_weights(base, args.weights, strict_classes=True)
+        return f"weights {args.weights}"
+    calibration = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    calibrate_class_bias(base, calibration, args.threshold, args.candidates)
+    return f"random weights (seed {args.seed}), class bias set for ~{args.candidates} candidates"
+
+
+def _export_onnx_model(base: EfficientDetBackbone, onnx: bool, size: int,
+                       device: torch.device) -> Tuple[Optional[tempfile.TemporaryDirectory], Optional[str]]:
+    """With ``--onnx``, ``base`` exported to a temporary folder: (folder, model path); else (None, None)."""
+    if not onnx:
+        return None, None
+    if device.type != "cpu":
+        raise ValueError("--onnx times the CPU execution provider: use --device cpu")
+    from utils.onnx_export import export_onnx
+
+    onnx_dir = tempfile.TemporaryDirectory()
+    onnx_path = str(Path(onnx_dir.name) / "model.onnx")
+    export_onnx(base, onnx_path, (size, size), dynamic_batch=True)
+    return onnx_dir, onnx_path
+
+
+def _print_batch_ratios(results: Sequence[Result], batch_sizes: Sequence[int], modes: Sequence[str]) -> None:
+    """Print, per mode, images/s at the largest batch size over images/s at the smallest."""
+    first, last = min(batch_sizes), max(batch_sizes)
+    per_mode = {(r.mode, r.batch_size): r for r in results}
+    for mode in modes:
+        ratio = per_mode[(mode, last)].images_per_s / per_mode[(mode, first)].images_per_s
+        print(f"images/s batch {last} / batch {first}: {ratio:.2f} ({mode})")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DROP_CONNECT_RATE, STEM_CHANNELS, get_scaling, round_filters, scaled_blocks
@@ -59,6 +60,66 @@ class MBConvBlock(nn.Module):
         if self.has_residual:
             x = drop_connect(x, drop_connect_rate, self.training) + inputs
         return x
+
+    @torch.no_grad()
+    def fold_batchnorm_(self) -> None:
+        """Fold every BatchNorm (eval mode) into the conv before it, in place; the BNs become identities."""
+        if self.has_expansion:
+            self._expand_conv.fold_bn_(self._bn0)
+            self._bn0 = nn.Identity()
+        self._depthwise_conv.fold_bn_(self._bn1)
+        self._bn1 = nn.Identity()
+        self._project_conv.fold_bn_(self._bn2)
+        self._bn2 = nn.Identity()
+
+    def fuse(self) -> "InferenceMBConvBlock":
+        """The inference form of this block, its BatchNorms already folded (:class:`InferenceMBConvBlock`)."""
+        return InferenceMBConvBlock(self)
+
+
+def _linear_from_conv(wrapper: Conv2dStaticSamePadding) -> nn.Linear:
+    """The 1×1 convolution of a squeeze-excitation (applied to a 1×1 map) as a Linear layer."""
+    conv = wrapper.conv
+    linear = nn.Linear(conv.in_channels, conv.out_channels).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.flatten(1))
+        linear.bias.copy_(conv.bias)
+    return linear
+
+
+def _spatial_mean(x: Tensor) -> Tensor:
+    """x: Tensor[B, C, H, W] -> Tensor[B, C], the mean over H, W (squeeze-excitation's squeeze).
+
+    bfloat16 / float16: ``avg_pool2d`` over the whole map (accumulated in float32), on CPU 3.6× faster than
+    ``mean``, which copies the whole activation to float32 first (D0's 16 blocks: 0.8 ms against 2.9 ms; a
+    ones-vector matmul took 1.9 ms). float32 keeps ``mean``, the faster there.
+    """
+    if x.dtype == torch.float32:
+        return x.mean(dim=(2, 3))
+    return F.avg_pool2d(x, (int(x.shape[2]), int(x.shape[3]))).flatten(1)
+
+
+class InferenceMBConvBlock(nn.Module):
+    """The inference form of an :class:`MBConvBlock` whose BatchNorms are folded (:meth:`MBConvBlock.fuse`):
+    swish fused into the expand and depthwise convs, squeeze-excitation as Linear layers scaling in place, the
+    residual added in place."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.expand = block._expand_conv.fuse("swish") if block.has_expansion else None
+        self.depthwise = block._depthwise_conv.fuse("swish")
+        self.se_reduce = _linear_from_conv(block._se_reduce)
+        self.se_expand = _linear_from_conv(block._se_expand)
+        self.project = block._project_conv.fuse()
+        self.has_residual = block.has_residual
+
+    def forward(self, inputs: Tensor, drop_connect_rate: float = 0.0) -> Tensor:
+        """inputs: Tensor[B, C_in, H, W] -> Tensor[B, C_out, H / stride, W / stride]."""
+        x = self.expand(inputs) if self.expand is not None else inputs
+        x = self.depthwise(x)
+        scale = torch.sigmoid(self.se_expand(F.silu(self.se_reduce(_spatial_mean(x)), inplace=True)))
+        x = self.project(x.mul_(scale[:, :, None, None]))
+        return x.add_(inputs) if self.has_residual else x
 
 
 class EfficientNet(nn.Module):
@@ -112,6 +173,21 @@ class EfficientNet(nn.Module):
             if idx in wanted:
                 features.append(x)
         return features
+
+    @torch.no_grad()
+    def fold_batchnorm_(self) -> None:
+        """Fold the stem's and every block's BatchNorm into the conv before it, in place."""
+        self._conv_stem.fold_bn_(self._bn0)
+        self._bn0 = nn.Identity()
+        for block in self._blocks:
+            block.fold_batchnorm_()
+
+    def fuse_(self) -> None:
+        """Switch to the inference form in place (BatchNorms already folded): the stem conv with swish fused,
+        every block an :class:`InferenceMBConvBlock`."""
+        self._conv_stem = self._conv_stem.fuse("swish")
+        self._swish = nn.Identity()  # inside _conv_stem now
+        self._blocks = nn.ModuleList([block.fuse() for block in self._blocks])
 
 
 class EfficientNetBackbone(nn.Module):

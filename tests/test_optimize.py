@@ -166,7 +166,8 @@ def test_detector_mode_gives_eager_detections(d0_model, eager_outputs):
 import torch.nn.functional as F  # noqa: E402
 
 from efficientnet.utils import Conv2dStaticSamePadding  # noqa: E402
-from utils.optimize import TRACE_CACHE_SIZE, InferenceConv2d, bf16_supported, specialize_for_inference  # noqa: E402
+from efficientnet.utils import InferenceConv2d  # noqa: E402
+from utils.optimize import TRACE_CACHE_SIZE, bf16_supported, specialize_for_inference  # noqa: E402
 
 
 @pytest.mark.parametrize("fuse_onednn", [True, False])
@@ -231,7 +232,7 @@ def test_inference_conv_packs_weights_once_per_dtype():
 
 @pytest.mark.parametrize("kernel,groups", [(1, 1), (3, 8)])  # a pointwise pair, a depthwise pair
 def test_side_by_side_conv_computes_both(kernel, groups):
-    from utils.optimize import _side_by_side
+    from efficientdet.model import _side_by_side
 
     torch.manual_seed(kernel)
     first = Conv2dStaticSamePadding(8, 8, kernel, groups=groups).eval()
@@ -310,7 +311,7 @@ def test_specialized_model_without_onednn_matches(memory_format, d0_model, d0_ve
 
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
 def test_spatial_mean_in_reduced_precision(memory_format):
-    from utils.optimize import _spatial_mean
+    from efficientnet.model import _spatial_mean
 
     x = torch.randn(2, 24, 12, 20).contiguous(memory_format=memory_format)
     assert torch.equal(_spatial_mean(x), x.mean(dim=(2, 3)))
@@ -326,7 +327,7 @@ def test_spatial_mean_in_reduced_precision(memory_format):
 @pytest.mark.parametrize("kernel,stride", [(3, 2), (2, 2), (3, 1), (5, 2), (3, 3)])
 def test_inference_max_pool_equals_padded_pool(kernel, stride, pad_value):
     from efficientnet.utils import MaxPool2dStaticSamePadding
-    from utils.optimize import InferenceMaxPool2d
+    from efficientnet.utils import InferenceMaxPool2d
 
     pool = MaxPool2dStaticSamePadding(kernel, stride, pad_value=pad_value)
     fast = InferenceMaxPool2d(pool)

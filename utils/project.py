@@ -204,6 +204,27 @@ def load_project(project: Union[str, Path]) -> ProjectConfig:
     path = resolve_project_path(project)
     if not path.is_file():
         raise FileNotFoundError(f"project file not found: {path}")
+    data = _read_mapping(path)
+    for key in ("project_name", "train_set", "val_set"):
+        if not isinstance(data[key], (str, int)) or isinstance(data[key], bool) or str(data[key]) == "":
+            raise _bad(path, data, key, "expected a non-empty string")
+    num_gpus = data["num_gpus"]
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 0:
+        raise _bad(path, data, "num_gpus", "expected an integer >= 0")
+    stats = _parse_stats(path, data)
+    scales, ratios = _parse_anchors(path, data)
+    names = _parse_obj_list(path, data)
+    choices = _parse_choices(path, data)
+    extra = {k: v for k, v in data.items() if k not in REQUIRED_KEYS and k not in CHOICE_KEYS}
+    return ProjectConfig(
+        project_name=str(data["project_name"]), train_set=str(data["train_set"]), val_set=str(data["val_set"]),
+        num_gpus=num_gpus, mean=stats["mean"], std=stats["std"], anchors_scales=tuple(scales),
+        anchors_ratios=tuple((r[0], r[1]) for r in ratios), obj_list=names, path=str(path), extra=extra,
+        **choices)
+
+
+def _read_mapping(path: Path) -> Dict[str, Any]:
+    """The YAML mapping of ``path``, checked to hold every key of :data:`REQUIRED_KEYS`."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -213,54 +234,62 @@ def load_project(project: Union[str, Path]) -> ProjectConfig:
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise ValueError(f"{path}: missing key {missing[0]!r}" + (f" (and {missing[1:]})" if len(missing) > 1 else ""))
+    return data
 
-    def bad(key: str, why: str) -> ValueError:
-        shown = "" if str(data[key])[:20] in why else f" (got {data[key]!r})"  # parser messages quote the text
-        return ValueError(f"{path}: key {key!r}: {why}{shown}")
 
-    for key in ("project_name", "train_set", "val_set"):
-        if not isinstance(data[key], (str, int)) or isinstance(data[key], bool) or str(data[key]) == "":
-            raise bad(key, "expected a non-empty string")
-    num_gpus = data["num_gpus"]
-    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 0:
-        raise bad("num_gpus", "expected an integer >= 0")
+def _bad(path: Path, data: Dict[str, Any], key: str, why: str) -> ValueError:
+    """The ValueError for a malformed value of ``key``, naming the file, the key and the value."""
+    shown = "" if str(data[key])[:20] in why else f" (got {data[key]!r})"  # parser messages quote the text
+    return ValueError(f"{path}: key {key!r}: {why}{shown}")
+
+
+def _parse_key(path: Path, data: Dict[str, Any], key: str) -> list:
+    """:func:`parse_number_list` of ``data[key]``, its ValueError naming the file and key."""
+    try:
+        return parse_number_list(data[key])
+    except ValueError as exc:
+        raise _bad(path, data, key, str(exc)) from None
+
+
+def _parse_stats(path: Path, data: Dict[str, Any]) -> Dict[str, Tuple[float, ...]]:
+    """``mean`` and ``std``: 3 numbers each, the std ones positive."""
     stats = {}
     for key in ("mean", "std"):
-        try:
-            values = parse_number_list(data[key])
-        except ValueError as exc:
-            raise bad(key, str(exc)) from None
+        values = _parse_key(path, data, key)
         if len(values) != 3 or any(isinstance(v, list) for v in values):
-            raise bad(key, "expected 3 numbers (R, G, B)")
+            raise _bad(path, data, key, "expected 3 numbers (R, G, B)")
         if key == "std" and any(v <= 0 for v in values):
-            raise bad(key, "std values must be positive")
+            raise _bad(path, data, key, "std values must be positive")
         stats[key] = tuple(values)
-    try:
-        scales = parse_number_list(data["anchors_scales"])
-    except ValueError as exc:
-        raise bad("anchors_scales", str(exc)) from None
+    return stats
+
+
+def _parse_anchors(path: Path, data: Dict[str, Any]) -> Tuple[list, list]:
+    """``anchors_scales`` (positive numbers) and ``anchors_ratios`` (positive pairs), both non-empty."""
+    scales = _parse_key(path, data, "anchors_scales")
     if not scales or any(isinstance(s, list) or s <= 0 for s in scales):
-        raise bad("anchors_scales", "expected a non-empty list of positive numbers")
-    try:
-        ratios = parse_number_list(data["anchors_ratios"])
-    except ValueError as exc:
-        raise bad("anchors_ratios", str(exc)) from None
+        raise _bad(path, data, "anchors_scales", "expected a non-empty list of positive numbers")
+    ratios = _parse_key(path, data, "anchors_ratios")
     if not ratios or any(not isinstance(r, list) or len(r) != 2 or min(r) <= 0 for r in ratios):
-        raise bad("anchors_ratios", "expected a non-empty list of positive (width, height) pairs")
+        raise _bad(path, data, "anchors_ratios", "expected a non-empty list of positive (width, height) pairs")
+    return scales, ratios
+
+
+def _parse_obj_list(path: Path, data: Dict[str, Any]) -> Tuple[str, ...]:
+    """``obj_list`` as class-name strings (``None`` -> ``''``, an unused id)."""
     obj_list = data["obj_list"]
     if not isinstance(obj_list, list) or not obj_list:
-        raise bad("obj_list", "expected a non-empty list of class names")
+        raise _bad(path, data, "obj_list", "expected a non-empty list of class names")
     if any(isinstance(n, (list, dict)) for n in obj_list):
-        raise bad("obj_list", "expected class names (strings), not nested lists or mappings")
-    names = tuple("" if n is None else str(n) for n in obj_list)
+        raise _bad(path, data, "obj_list", "expected class names (strings), not nested lists or mappings")
+    return tuple("" if n is None else str(n) for n in obj_list)
+
+
+def _parse_choices(path: Path, data: Dict[str, Any]) -> Dict[str, str]:
+    """The :data:`CHOICE_KEYS` values (their default when absent), each checked against its allowed values."""
     choices = {}
     for key, allowed in CHOICE_KEYS.items():
         choices[key] = data.get(key, allowed[0])
         if choices[key] not in allowed:
-            raise bad(key, f"expected one of {', '.join(allowed)}")
-    extra = {k: v for k, v in data.items() if k not in REQUIRED_KEYS and k not in CHOICE_KEYS}
-    return ProjectConfig(
-        project_name=str(data["project_name"]), train_set=str(data["train_set"]), val_set=str(data["val_set"]),
-        num_gpus=num_gpus, mean=stats["mean"], std=stats["std"], anchors_scales=tuple(scales),
-        anchors_ratios=tuple((r[0], r[1]) for r in ratios), obj_list=names, path=str(path), extra=extra,
-        **choices)
+            raise _bad(path, data, key, f"expected one of {', '.join(allowed)}")
+    return choices

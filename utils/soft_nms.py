@@ -124,6 +124,17 @@ def official_postprocess(regression: Tensor, classification: Tensor, anchors: Te
         Per image a dict: ``rois`` Tensor[M, 4] (x1, y1, x2, y2) input pixels, ``class_ids``
         LongTensor[M] (0-based, ``obj_list`` index), ``scores`` Tensor[M], by descending score, M ≤ max_detections.
     """
+    _check_shapes(regression, classification, anchors)
+    height, width = _image_hw(image_size)
+    boxes = BBoxTransform()(anchors, regression)
+    boxes = torch.stack((boxes[..., 0].clamp(0, width - 1), boxes[..., 1].clamp(0, height - 1),
+                         boxes[..., 2].clamp(0, width - 1), boxes[..., 3].clamp(0, height - 1)), dim=-1)
+    return [_image_detections(boxes[b], classification[b], max_candidates, max_detections, sigma, score_threshold)
+            for b in range(regression.shape[0])]
+
+
+def _check_shapes(regression: Tensor, classification: Tensor, anchors: Tensor) -> None:
+    """Raise ValueError unless the shapes are those :func:`official_postprocess` documents."""
     if regression.dim() != 3 or regression.shape[-1] != 4:
         raise ValueError(f"regression must be Tensor[B, N, 4], got shape {tuple(regression.shape)}")
     if classification.dim() != 3 or classification.shape[:2] != regression.shape[:2]:
@@ -133,34 +144,32 @@ def official_postprocess(regression: Tensor, classification: Tensor, anchors: Te
             or anchors.shape[0] not in (1, regression.shape[0])):
         raise ValueError(f"anchors must be Tensor[1 or B, N, 4] with N = {regression.shape[1]}, "
                          f"got shape {tuple(anchors.shape)}")
-    height, width = _image_hw(image_size)
-    boxes = BBoxTransform()(anchors, regression)
-    boxes = torch.stack((boxes[..., 0].clamp(0, width - 1), boxes[..., 1].clamp(0, height - 1),
-                         boxes[..., 2].clamp(0, width - 1), boxes[..., 3].clamp(0, height - 1)), dim=-1)
+
+
+def _image_detections(boxes: Tensor, classification: Tensor, max_candidates: int, max_detections: int,
+                      sigma: float, score_threshold: float) -> Dict[str, Tensor]:
+    """One image's detections from its clipped boxes Tensor[N, 4] and scores Tensor[N, C]: top-k, soft-NMS."""
     num_classes = classification.shape[-1]
-    results: List[Dict[str, Tensor]] = []
-    for b in range(regression.shape[0]):
-        flat = classification[b].reshape(-1)
-        k = min(max_candidates, flat.shape[0])
-        top_scores, top_index = torch.topk(flat, k, sorted=True)
-        anchor_index = top_index // num_classes
-        classes = top_index % num_classes
-        cand_boxes = boxes[b, anchor_index]
-        all_keep: List[Tensor] = []
-        all_scores: List[Tensor] = []
-        for cls in torch.unique(classes).tolist():
-            members = torch.nonzero(classes == cls).squeeze(1)
-            keep, new_scores = soft_nms(cand_boxes[members], top_scores[members], sigma, score_threshold,
-                                        max_detections)
-            all_keep.append(members[keep])
-            all_scores.append(new_scores)
-        if all_keep:
-            keep = torch.cat(all_keep)
-            scores = torch.cat(all_scores)
-            order = torch.argsort(scores, descending=True, stable=True)[:max_detections]
-            keep, scores = keep[order], scores[order]
-        else:
-            keep = top_index.new_zeros((0,))
-            scores = top_scores.new_zeros((0,))
-        results.append({"rois": cand_boxes[keep], "class_ids": classes[keep], "scores": scores})
-    return results
+    flat = classification.reshape(-1)
+    k = min(max_candidates, flat.shape[0])
+    top_scores, top_index = torch.topk(flat, k, sorted=True)
+    anchor_index = top_index // num_classes
+    classes = top_index % num_classes
+    cand_boxes = boxes[anchor_index]
+    all_keep: List[Tensor] = []
+    all_scores: List[Tensor] = []
+    for cls in torch.unique(classes).tolist():
+        members = torch.nonzero(classes == cls).squeeze(1)
+        keep, new_scores = soft_nms(cand_boxes[members], top_scores[members], sigma, score_threshold,
+                                    max_detections)
+        all_keep.append(members[keep])
+        all_scores.append(new_scores)
+    if all_keep:
+        keep = torch.cat(all_keep)
+        scores = torch.cat(all_scores)
+        order = torch.argsort(scores, descending=True, stable=True)[:max_detections]
+        keep, scores = keep[order], scores[order]
+    else:
+        keep = top_index.new_zeros((0,))
+        scores = top_scores.new_zeros((0,))
+    return {"rois": cand_boxes[keep], "class_ids": classes[keep], "scores": scores}

@@ -265,6 +265,23 @@ def convert(reader: TFCheckpointReader, compound_coef: int, num_classes: int = 9
             our keys stays unfilled, or a shape disagrees (each message names the variable or key).
     """
     config = get_model_config(compound_coef)
+    model = _checked_model(reader, config, compound_coef, num_classes)
+    own = model.state_dict()
+    available, weights = _checkpoint_variables(reader)
+    result, used, shadows = _place_variables(reader, model, own, available, weights, use_ema)
+    unplaced = sorted(weights - used)
+    if unplaced:
+        raise ValueError(f"{reader.prefix}: cannot place checkpoint variable {unplaced[0]!r}"
+                         + (f" (and {len(unplaced) - 1} more)" if len(unplaced) > 1 else ""))
+    _fill_unmapped_keys(reader, config, own, result)
+    logger.info("%s: %d tensors from %d checkpoint variables (%d moving-average shadows)",
+                reader.prefix, len(result), len(used), shadows)
+    return {key: result[key] for key in own}
+
+
+def _checked_model(reader: TFCheckpointReader, config: ModelConfig, compound_coef: int,
+                   num_classes: int) -> EfficientDetBackbone:
+    """Our model for ``-c compound_coef``, once the checkpoint is checked to be that model and class count."""
     facts = read_facts(reader)
     if config not in facts.matching_models():
         raise ValueError(f"{reader.prefix}: checkpoint is {facts.describe()}, -c {compound_coef} is {config.name}")
@@ -274,8 +291,11 @@ def convert(reader: TFCheckpointReader, compound_coef: int, num_classes: int = 9
         raise ValueError(f"{reader.prefix}: checkpoint has {facts.class_outputs // num_anchors} classes "
                          f"({facts.class_outputs} class outputs / {num_anchors} anchors), "
                          f"--num_classes is {num_classes}")
-    own = model.state_dict()
+    return model
 
+
+def _checkpoint_variables(reader: TFCheckpointReader) -> Tuple[set, set]:
+    """Every variable name of the checkpoint, and those to place (no shadows, optimizer slots or step)."""
     available = set(reader.names())
     weights = {n for n in available if not n.endswith(EMA_SUFFIX) and not n.endswith(IGNORED_SUFFIXES)
                and n not in IGNORED_NAMES}
@@ -283,13 +303,19 @@ def convert(reader: TFCheckpointReader, compound_coef: int, num_classes: int = 9
     if orphans:
         raise ValueError(f"{reader.prefix}: cannot place checkpoint variable {orphans[0]!r} (a moving average of "
                          "a variable the checkpoint does not hold)")
+    return available, weights
 
+
+def _place_variables(reader: TFCheckpointReader, model: EfficientDetBackbone, own: Dict[str, torch.Tensor],
+                     available: set, weights: set,
+                     use_ema: bool) -> Tuple[Dict[str, torch.Tensor], set, int]:
+    """Our tensors from :func:`official_mappings`, the variables used and the count of moving-average shadows."""
     result: Dict[str, torch.Tensor] = {}
     used: set = set()
     shadows = 0
     for mapping in official_mappings(model):
         if mapping.key not in own:
-            raise ValueError(f"internal mapping error: {mapping.key!r} is not a key of {config.name}")
+            raise ValueError(f"internal mapping error: {mapping.key!r} is not a key of {model.config.name}")
         arrays = []
         for name in mapping.variables:
             if name not in weights:
@@ -304,11 +330,12 @@ def convert(reader: TFCheckpointReader, compound_coef: int, num_classes: int = 9
             raise ValueError(f"{reader.prefix}: {mapping.variables[0]!r} gives shape {value.shape} for "
                              f"{mapping.key!r}, which is {expected}")
         result[mapping.key] = torch.from_numpy(value).to(own[mapping.key].dtype)
+    return result, used, shadows
 
-    unplaced = sorted(weights - used)
-    if unplaced:
-        raise ValueError(f"{reader.prefix}: cannot place checkpoint variable {unplaced[0]!r}"
-                         + (f" (and {len(unplaced) - 1} more)" if len(unplaced) > 1 else ""))
+
+def _fill_unmapped_keys(reader: TFCheckpointReader, config: ModelConfig, own: Dict[str, torch.Tensor],
+                        result: Dict[str, torch.Tensor]) -> None:
+    """Fill in ``result`` the keys no variable gives (BN counters, unused fusion weights); raise for any other."""
     for key, tensor in own.items():
         if key in result:
             continue
@@ -318,6 +345,3 @@ def convert(reader: TFCheckpointReader, compound_coef: int, num_classes: int = 9
             result[key] = torch.ones_like(tensor)  # unused by plain-sum models, kept for the layout
         else:
             raise ValueError(f"{reader.prefix}: our key {key!r} is left unfilled by the checkpoint")
-    logger.info("%s: %d tensors from %d checkpoint variables (%d moving-average shadows)",
-                reader.prefix, len(result), len(used), shadows)
-    return {key: result[key] for key in own}

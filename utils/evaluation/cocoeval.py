@@ -75,35 +75,67 @@ def evaluate_coco(ann_file: PathLike, results: Union[PathLike, Sequence[Mapping[
             message names the first few); requested image ids listed twice; with ``obj_list``, a result
             category id that is not a class of the project.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     data = _for_pycocotools(load_coco_annotations(ann_file, obj_list), ann_file)
     records = load_results(results)
-    origin = str(results) if isinstance(results, (str, Path)) else "results"
     if obj_list is not None:
-        for index, record in enumerate(records):
-            category_id = record["category_id"]
-            if not (1 <= category_id <= len(obj_list) and obj_list[category_id - 1]):
-                raise ValueError(f"{origin}: record {index} (image_id {record['image_id']}): category_id "
-                                 f"{category_id} is not a class of the project ({len(obj_list)} entries in obj_list"
-                                 f"{', this one unused' if 1 <= category_id <= len(obj_list) else ''})")
+        origin = str(results) if isinstance(results, (str, Path)) else "results"
+        _check_result_classes(records, obj_list, origin)
+
+    coco_gt = _ground_truth(data)
+    image_ids = _evaluated_image_ids(coco_gt, image_ids, ann_file)
+    category_ids = sorted(coco_gt.getCatIds())
+    _check_result_ids(records, coco_gt, image_ids, category_ids, ann_file)
+
+    if records:
+        stats, per_class_ap = _run_cocoeval(coco_gt, records, image_ids)
+    else:
+        stats = {name: 0.0 for name in STAT_NAMES}
+        per_class_ap = _empty_per_class_ap(data, set(image_ids), category_ids)
+    metrics: Dict[str, Any] = {**stats, "per_class_ap": per_class_ap}
+    metrics.update(category_names={int(c["id"]): str(c.get("name", "")) for c in data["categories"]},
+                   empty=not records, num_images=len(image_ids), num_detections=len(records))
+    return metrics
+
+
+def _ground_truth(data: Dict[str, Any]) -> Any:
+    """A pycocotools ``COCO`` of the annotations ``data`` (indexed quietly, never read from a file)."""
+    from pycocotools.coco import COCO
 
     coco_gt = COCO()
     coco_gt.dataset = data
     _quietly(coco_gt.createIndex)
-    known_ids = set(coco_gt.getImgIds())
+    return coco_gt
+
+
+def _check_result_classes(records: Sequence[Mapping[str, Any]], obj_list: Sequence[str], origin: str) -> None:
+    """Raise ValueError for the first result whose ``category_id`` is not a class of ``obj_list``."""
+    for index, record in enumerate(records):
+        category_id = record["category_id"]
+        if not (1 <= category_id <= len(obj_list) and obj_list[category_id - 1]):
+            raise ValueError(f"{origin}: record {index} (image_id {record['image_id']}): category_id "
+                             f"{category_id} is not a class of the project ({len(obj_list)} entries in obj_list"
+                             f"{', this one unused' if 1 <= category_id <= len(obj_list) else ''})")
+
+
+def _evaluated_image_ids(coco_gt: Any, image_ids: Optional[Sequence[int]], ann_file: PathLike) -> List[int]:
+    """The requested image ids as ints (every image of ``coco_gt`` when ``None``), each checked known and unique."""
     if image_ids is None:
-        image_ids = list(coco_gt.getImgIds())
-    else:
-        image_ids = [int(i) for i in image_ids]
-        unknown = [i for i in image_ids if i not in known_ids]
-        if unknown:
-            raise ValueError(f"{ann_file}: evaluated image ids not in the annotations: {_first_few(unknown)}")
-        if len(set(image_ids)) != len(image_ids):
-            repeated = sorted(i for i in set(image_ids) if image_ids.count(i) > 1)
-            raise ValueError(f"evaluated image ids listed more than once: {_first_few(repeated)}")
-    unknown_results = sorted({int(r["image_id"]) for r in records} - known_ids)
+        return list(coco_gt.getImgIds())
+    known_ids = set(coco_gt.getImgIds())
+    image_ids = [int(i) for i in image_ids]
+    unknown = [i for i in image_ids if i not in known_ids]
+    if unknown:
+        raise ValueError(f"{ann_file}: evaluated image ids not in the annotations: {_first_few(unknown)}")
+    if len(set(image_ids)) != len(image_ids):
+        repeated = sorted(i for i in set(image_ids) if image_ids.count(i) > 1)
+        raise ValueError(f"evaluated image ids listed more than once: {_first_few(repeated)}")
+    return image_ids
+
+
+def _check_result_ids(records: Sequence[Mapping[str, Any]], coco_gt: Any, image_ids: Sequence[int],
+                      category_ids: Sequence[int], ann_file: PathLike) -> None:
+    """Raise for result image ids unknown to ``coco_gt``; warn of results outside ``image_ids`` or its categories."""
+    unknown_results = sorted({int(r["image_id"]) for r in records} - set(coco_gt.getImgIds()))
     if unknown_results:
         raise ValueError(f"{ann_file}: result image ids not in the annotations: {_first_few(unknown_results)} "
                          "(results of another dataset?)")
@@ -111,22 +143,24 @@ def evaluate_coco(ann_file: PathLike, results: Union[PathLike, Sequence[Mapping[
     outside = sum(1 for r in records if int(r["image_id"]) not in evaluated)
     if outside:
         logger.warning("%d result(s) on images outside the %d evaluated ones are ignored", outside, len(evaluated))
-    category_ids = sorted(coco_gt.getCatIds())
     unknown_categories = sorted({int(r["category_id"]) for r in records} - set(category_ids))
     if unknown_categories:
         logger.warning("%d result(s) have category ids absent from %s (%s): pycocotools ignores them",
                        sum(1 for r in records if int(r["category_id"]) in unknown_categories), ann_file,
                        _first_few(unknown_categories))
 
-    category_names = {int(c["id"]): str(c.get("name", "")) for c in data["categories"]}
-    metrics: Dict[str, Any] = {}
-    if not records:
-        gt_categories = {int(a["category_id"]) for a in data["annotations"]
-                         if a.get("image_id") in evaluated and not a.get("iscrowd", 0)}
-        metrics.update({name: 0.0 for name in STAT_NAMES})
-        metrics["per_class_ap"] = {c: (0.0 if c in gt_categories else math.nan) for c in category_ids}
-        metrics.update(category_names=category_names, empty=True, num_images=len(image_ids), num_detections=0)
-        return metrics
+
+def _empty_per_class_ap(data: Mapping[str, Any], evaluated: set, category_ids: Sequence[int]) -> Dict[int, float]:
+    """Per-class AP without any result: 0.0 for a category with ground truth in ``evaluated``, else ``nan``."""
+    gt_categories = {int(a["category_id"]) for a in data["annotations"]
+                     if a.get("image_id") in evaluated and not a.get("iscrowd", 0)}
+    return {c: (0.0 if c in gt_categories else math.nan) for c in category_ids}
+
+
+def _run_cocoeval(coco_gt: Any, records: Sequence[Mapping[str, Any]],
+                  image_ids: Sequence[int]) -> Tuple[Dict[str, float], Dict[int, float]]:
+    """Run pycocotools' COCOeval (bbox) on ``image_ids``: the 12 stats by name and the AP per class."""
+    from pycocotools.cocoeval import COCOeval
 
     coco_dt = _quietly(coco_gt.loadRes, records)
     coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
@@ -134,12 +168,8 @@ def evaluate_coco(ann_file: PathLike, results: Union[PathLike, Sequence[Mapping[
     _quietly(coco_eval.evaluate)
     _quietly(coco_eval.accumulate)
     _quietly(coco_eval.summarize)
-
-    metrics.update({name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats)})
-    metrics["per_class_ap"] = _per_class_ap(coco_eval)
-    metrics.update(category_names=category_names, empty=False, num_images=len(image_ids),
-                   num_detections=len(records))
-    return metrics
+    stats = {name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats)}
+    return stats, _per_class_ap(coco_eval)
 
 
 def _for_pycocotools(data: Dict[str, Any], ann_file: PathLike) -> Dict[str, Any]:

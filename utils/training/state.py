@@ -5,7 +5,8 @@
 - :func:`resolve_weights` / :func:`resolve_settings`: what ``-w`` names and which settings a resumed run
   takes from its checkpoint (an explicit ``--lr``, ``--optim`` or ``--num_epochs`` wins, logged);
 - :func:`training_state` / :func:`restore_training_state`: the ``.state.pt`` companion of a checkpoint
-  (optimizer, scheduler, AMP scaler, EMA, RNG, counters, settings) and its exact restoration.
+  (optimizer, scheduler, AMP scaler, EMA, RNG, counters, settings) and its exact restoration;
+- :func:`initial_run_state`: the counters a run starts from (resumed, continued from a file name, or zero).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.checkpoints import LEGACY_FORMAT, ResumePoint, find_resume_point
+from utils.checkpoints import LEGACY_FORMAT, ResumePoint, find_resume_point, step_from_name
 from utils.training.parts import ModelEMA, warmup_cosine_lambda
 from utils.weights import extract_state_dict, read_checkpoint
 
@@ -131,6 +132,27 @@ def restore_training_state(ckpt: Dict[str, Any], weights_file: Path, args: argpa
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{weights_file}: incomplete training state ({type(exc).__name__}: {exc}); "
                          "pass it with -w FILE to fine-tune from its weights") from None
+
+
+def initial_run_state(resume: Optional[ResumePoint], args: argparse.Namespace, model: nn.Module,
+                      optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+                      ema: Optional[ModelEMA], lr_given: bool, steps_per_epoch: int,
+                      log: Callable[[str], None]) -> RunState:
+    """The counters a run starts from: the resumed run's (see :func:`restore_training_state`), else zero with,
+    for ``-w efficientdet-d0_9_3000.pth``, the step counter continuing from the name (published)."""
+    if resume is not None and resume.state is not None:
+        run = restore_training_state(resume.state, resume.weights, args, model, optimizer, scheduler, scaler, ema,
+                                     lr_given, log)
+        log(f"resuming {resume.weights.name} at epoch {run.epoch}, step {run.step}, "
+            f"lr {optimizer.param_groups[0]['lr']:.3g}")
+        return run
+    run = RunState()
+    step = step_from_name(resume.weights) if resume is not None else 0
+    if step:
+        run.step, run.epoch, run.epoch_step = step, step // steps_per_epoch, step % steps_per_epoch
+        log(f"fine-tuning from {resume.weights.name}: the step counter continues at {step} "
+            f"(epoch {run.epoch}), as the published train.py does")
+    return run
 
 
 def _restore(ckpt, weights_file, args, model, optimizer, scheduler, scaler, ema, lr_given, log) -> RunState:

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from backbone import EfficientDetBackbone, build_model, check_input_size
 from efficientdet.config import get_model_config
-from efficientdet.dataset import annotation_path, create_dataloaders
+from efficientdet.dataset import DataBundle, annotation_path, create_dataloaders
 from efficientdet.loss import FocalLoss
-from utils.checkpoints import ResumePoint, best_name, checkpoint_name, save_checkpoint, save_weights, step_from_name
+from utils.checkpoints import ResumePoint, best_name, checkpoint_name, save_checkpoint, save_weights
 from utils.device import select_device
 from utils.evaluation import evaluate_detector
 from utils.inference import Detector
@@ -33,8 +33,8 @@ from utils.project import ProjectConfig, load_project
 from utils.training.parts import (FiniteGuard, Interrupted, ModelEMA, ModelWithLoss, ResumableSampler, StopRequest,
                                   distributed_context, freeze_backbone_and_bifpn, load_backbone_weights)
 from utils.training.reporting import DEBUG_DIR, RunLog, save_debug_image
-from utils.training.state import (RunState, build_optimizer, build_scheduler, resolve_settings, resolve_weights,
-                                  restore_training_state, seed_everything, training_state)
+from utils.training.state import (build_optimizer, build_scheduler, initial_run_state, resolve_settings,
+                                  resolve_weights, seed_everything, training_state)
 from utils.weights import load_weights, remove_stale_temp_files
 
 MAX_BAD_STEPS = 10  # consecutive non-finite steps before the run stops
@@ -69,19 +69,9 @@ class Trainer:
         # on CPUs; flushing them to zero changes nothing measurable.
         torch.set_flush_denormal(True)
 
-        self.data = create_dataloaders(
-            self.project, args.data_path, self.input_size, self.batch_size, num_workers=args.num_workers,
-            flip=not args.no_flip, scale_jitter=args.scale_jitter, seed=args.seed,
-            pin_memory=self.device.type == "cuda", skip_bad_images=args.skip_bad_images,
-            sampler=lambda dataset, train: ResumableSampler(len(dataset), shuffle=train, seed=args.seed,
-                                                             rank=self.rank, world_size=self.world))
+        self.data = self._create_loaders(args)
         self.train_loader, self.val_loader = self.data.train_loader, self.data.val_loader
         self.train_sampler: ResumableSampler = self.train_loader.sampler
-        if len(self.train_loader) == 0:
-            raise ValueError(f"{self.data.train_set.annotation_file}: {len(self.data.train_set)} training images, "
-                             f"fewer than one batch of {self.batch_size}"
-                             + (f" per process ({self.world} processes)" if self.world > 1 else "")
-                             + ": lower --batch_size")
 
         self.model = self._build_model(args, resume)
         self.net: nn.Module = ModelWithLoss(self.model, FocalLoss(self.loss_name, from_logits=True))
@@ -95,17 +85,26 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=bool(args.amp and self.device.type == "cuda"))
         self.ema = ModelEMA(self.model, args.ema_decay) if args.ema else None
         self.run_log = RunLog(self.log_dir, f"{self.config.name} {name}", enabled=self.is_main)
-        self.state = RunState()
-        if saved is not None:
-            self.state = restore_training_state(saved, resume.weights, args, self.model, self.optimizer,
-                                                self.scheduler, self.scaler, self.ema, self._lr_given, self.log)
-            self.log(f"resuming {resume.weights.name} at epoch {self.state.epoch}, step {self.state.step}, "
-                     f"lr {self.optimizer.param_groups[0]['lr']:.3g}")
-        elif resume is not None:
-            self._continue_step_count(resume.weights)
+        self.state = initial_run_state(resume, args, self.model, self.optimizer, self.scheduler, self.scaler,
+                                       self.ema, self._lr_given, len(self.train_loader), self.log)
         self.guard = FiniteGuard(self.model, self.optimizer)
         self.rolled_back = False  # the model was just restored by the guard
         self.confirmed = True     # the last step started from weights of a step that went well
+
+    def _create_loaders(self, args: argparse.Namespace) -> DataBundle:
+        """The train and val data loaders of this process (each rank its own share); at least one train batch."""
+        data = create_dataloaders(
+            self.project, args.data_path, self.input_size, self.batch_size, num_workers=args.num_workers,
+            flip=not args.no_flip, scale_jitter=args.scale_jitter, seed=args.seed,
+            pin_memory=self.device.type == "cuda", skip_bad_images=args.skip_bad_images,
+            sampler=lambda dataset, train: ResumableSampler(len(dataset), shuffle=train, seed=args.seed,
+                                                             rank=self.rank, world_size=self.world))
+        if len(data.train_loader) == 0:
+            raise ValueError(f"{data.train_set.annotation_file}: {len(data.train_set)} training images, "
+                             f"fewer than one batch of {self.batch_size}"
+                             + (f" per process ({self.world} processes)" if self.world > 1 else "")
+                             + ": lower --batch_size")
+        return data
 
     def _select_device(self, args: argparse.Namespace) -> torch.device:
         if self.world > 1:
@@ -154,15 +153,6 @@ class Trainer:
         if self.world > 1 and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model.to(self.device)
-
-    def _continue_step_count(self, weights: Path) -> None:
-        """``-w efficientdet-d0_9_3000.pth``: the step counter continues from the name (published)."""
-        step = step_from_name(weights)
-        if step:
-            per_epoch = len(self.train_loader)
-            self.state.step, self.state.epoch, self.state.epoch_step = step, step // per_epoch, step % per_epoch
-            self.log(f"fine-tuning from {weights.name}: the step counter continues at {step} "
-                     f"(epoch {self.state.epoch}), as the published train.py does")
 
     def log(self, message: str) -> None:
         if self.is_main:
