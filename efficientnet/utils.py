@@ -1,4 +1,6 @@
-"""Layers shared by the backbone and the detector: TensorFlow "same" padding, swish, drop connect.
+"""Layers shared by the backbone and the detector: TensorFlow "same" padding, swish, drop connect, and
+each layer's inference form beside it (``fold_bn_`` / ``fuse()``: :class:`InferenceConv2d`,
+:class:`InferenceMaxPool2d`, :class:`InplaceSwish`).
 
 TensorFlow pads a convolution or pool with ``padding="SAME"`` asymmetrically: the total padding
 along one axis of size ``n`` is ``max((ceil(n / s) - 1) * s + k - n, 0)`` and the smaller half goes
