@@ -137,3 +137,16 @@ def test_list_images(tmp_path):
         list_images([empty])
     with pytest.raises(FileNotFoundError, match="nope"):
         list_images([tmp_path / "nope"])
+
+
+def test_truncated_image_is_an_error_naming_the_file(tmp_path):
+    """Inference reads images with the training loader's checks: a JPEG cut to a third is refused, not
+    decoded into an image completed in grey."""
+    from utils.preprocess import read_image
+
+    path = tmp_path / "cut.jpg"
+    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    assert read_image(path).shape == (64, 96, 3)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 3])
+    with pytest.raises(ValueError, match=r"cut\.jpg.*truncated"):
+        read_image(path)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from efficientdet.image_files import read_image as _read_checked_image
 from efficientdet.transforms import resized_shape  # the letterbox geometry, one definition for training and inference
 
 DEFAULT_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -77,17 +78,13 @@ def canvas_size(size: SizeSpec) -> Tuple[int, int]:
 
 
 def read_image(path: Union[str, Path]) -> np.ndarray:
-    """Read an image file as BGR uint8 ``[H, W, 3]`` (grayscale and alpha are converted).
+    """Read an image file as BGR uint8 ``[H, W, 3]`` (grayscale and alpha are converted): the training
+    loader's :func:`efficientdet.image_files.read_image`, so a truncated or corrupt file is an error naming
+    it here too, never an image completed in grey by the decoder.
 
     Raises FileNotFoundError (missing file) or ValueError (not a readable image), naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # as published: cv2.imread (EXIF orientation applied)
-    if image is None:
-        raise ValueError(f"{path}: not a readable image")
-    return image
+    return _read_checked_image(path)
 
 
 def to_bgr(image: np.ndarray, source: str = "image") -> np.ndarray:
