@@ -50,12 +50,13 @@ class EfficientDetBackbone(nn.Module):
         pool_padding: "published" (zero padding, for the published PyTorch checkpoints; default) or
             "official" (TensorFlow max-pool padding, for converted official checkpoints).
 
-    ``forward(images)`` with images Tensor[B, 3, H, W] (normalised RGB, H and W multiples of
-    ``config.max_stride``) returns ``(features, regression, classification, anchors)``:
+    ``forward(images, logits=False)`` with images Tensor[B, 3, H, W] (normalised RGB, H and W multiples of
+    ``config.max_stride``) returns ``(features, regression, classification, anchors)``; the one forward of
+    training (``logits=True``, for the loss), evaluation, inference and export:
 
     - features: tuple of BiFPN outputs P3 … P7 (P8 for D7x), Tensor[B, fpn_channels, H / 2**L, W / 2**L];
     - regression: Tensor[B, N, 4] (dy, dx, dh, dw);
-    - classification: Tensor[B, N, num_classes], sigmoid probabilities;
+    - classification: Tensor[B, N, num_classes], sigmoid probabilities (pre-sigmoid logits with ``logits``);
     - anchors: Tensor[1, N, 4] (y1, x1, y2, x2), input pixels.
     """
 
@@ -98,11 +99,11 @@ class EfficientDetBackbone(nn.Module):
         """ValueError unless both sides are positive multiples of the largest stride."""
         check_input_size(self.config, height, width)
 
-    def forward(self, inputs: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+    def forward(self, inputs: Tensor, logits: bool = False) -> Tuple[Tuple[Tensor, ...], Tensor, Tensor, Tensor]:
         check_images(inputs, self.config)
         features = self.bifpn(self.backbone_net(inputs))
         regression = self.regressor(features)
-        classification = self.classifier(features)
+        classification = self.classifier(features, logits=logits)
         anchors = self.anchors(inputs)
         return features, regression, classification, anchors
 
@@ -156,7 +157,10 @@ class FusedEfficientDet(nn.Module):
         """See :meth:`EfficientDetBackbone.check_input_size`."""
         check_input_size(self.config, height, width)
 
-    def forward(self, inputs: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+    def forward(self, inputs: Tensor, logits: bool = False) -> Tuple[Tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+        if logits:
+            raise ValueError("the fused detector's classifier ends in a fused sigmoid: train or compute the "
+                             "loss with the EfficientDetBackbone it was made from")
         check_images(inputs, self.config)
         features = self.bifpn(self.backbone_net(inputs))
         regression, classification = self.heads(features)

@@ -145,7 +145,7 @@ class FocalLoss(nn.Module):
 
     Args:
         formulation: "yaep" (the published PyTorch loss; default) or "official" (TensorFlow reference).
-        from_logits: whether ``classification`` holds pre-sigmoid logits (``model.classifier.forward_raw``)
+        from_logits: whether ``classification`` holds pre-sigmoid logits (``model(images, logits=True)``)
             instead of the sigmoid probabilities ``EfficientDetBackbone.forward`` returns. "yaep" applies a
             sigmoid to logits (identical to the published loss). "official" is defined on logits: pass
             logits for the faithful loss; probabilities are converted with
@@ -189,7 +189,7 @@ class FocalLoss(nn.Module):
         self.box_loss_weight = float(box_loss_weight)
         if formulation == "official" and not self.from_logits:
             logger.warning("official loss fed probabilities: they are converted back to logits (clamped to "
-                           "[%g, 1 - %g]); pass model.classifier.forward_raw(features) with from_logits=True "
+                           "[%g, 1 - %g]); pass the logits of model(images, logits=True) with from_logits=True "
                            "for the faithful loss", LOGIT_EPS, LOGIT_EPS)
 
     def extra_repr(self) -> str:

@@ -189,20 +189,20 @@ class Head(nn.Module):
             [nn.ModuleList([batch_norm(in_channels) for _ in range(num_layers)]) for _ in range(num_levels)])
         self.header = SeparableConvBlock(in_channels, num_anchors * num_outputs, norm=False)
         self.swish = Swish()
+        self.apply_sigmoid = False  # the classifier's output activation
 
-    def forward_raw(self, inputs: Sequence[Tensor]) -> Tensor:
-        """inputs: per-level Tensor[B, C, H_l, W_l] -> Tensor[B, N, num_outputs] before any activation,
-        N = Σ_l H_l·W_l·num_anchors, levels in order, positions row-major, anchors innermost."""
+    def forward(self, inputs: Sequence[Tensor], logits: bool = False) -> Tensor:
+        """inputs: per-level Tensor[B, C, H_l, W_l] -> Tensor[B, N, num_outputs], N = Σ_l H_l·W_l·num_anchors,
+        levels in order, positions row-major, anchors innermost. The output activation (the classifier's
+        sigmoid) is applied unless ``logits``."""
         outs = []
         for feat, bns in zip(inputs, self.bn_list):
             for conv, bn in zip(self.conv_list, bns):
                 feat = self.swish(bn(conv(feat)))
             feat = self.header(feat)
             outs.append(feat.permute(0, 2, 3, 1).reshape(feat.shape[0], -1, self.num_outputs))
-        return torch.cat(outs, dim=1)
-
-    def forward(self, inputs: Sequence[Tensor]) -> Tensor:
-        return self.forward_raw(inputs)
+        out = torch.cat(outs, dim=1)
+        return out.sigmoid() if self.apply_sigmoid and not logits else out
 
     @torch.no_grad()
     def fold_batchnorm(self) -> "FoldedHead":
@@ -224,9 +224,7 @@ class Classifier(Head):
                  num_levels: int = 5) -> None:
         super().__init__(in_channels, num_anchors, num_classes, num_layers, num_levels)
         self.num_classes = num_classes
-
-    def forward(self, inputs: Sequence[Tensor]) -> Tensor:
-        return self.forward_raw(inputs).sigmoid()
+        self.apply_sigmoid = True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,7 +241,7 @@ class FoldedHead(nn.Module):
         super().__init__()
         self.num_outputs = head.num_outputs
         self.num_anchors = head.num_anchors
-        self.apply_sigmoid = isinstance(head, Classifier)
+        self.apply_sigmoid = head.apply_sigmoid
         levels = []
         for bns in head.bn_list:
             convs = []
@@ -256,19 +254,16 @@ class FoldedHead(nn.Module):
         self.header = copy.deepcopy(head.header)
         self.swish = copy.deepcopy(head.swish)
 
-    def forward_raw(self, inputs: Sequence[Tensor]) -> Tensor:
-        """inputs: per-level Tensor[B, C, H_l, W_l] -> Tensor[B, N, num_outputs] before activation."""
+    def forward(self, inputs: Sequence[Tensor], logits: bool = False) -> Tensor:
+        """See :meth:`Head.forward`."""
         outs = []
         for feat, convs in zip(inputs, self.levels):
             for conv in convs:
                 feat = self.swish(conv(feat))
             feat = self.header(feat)
             outs.append(feat.permute(0, 2, 3, 1).reshape(feat.shape[0], -1, self.num_outputs))
-        return torch.cat(outs, dim=1)
-
-    def forward(self, inputs: Sequence[Tensor]) -> Tensor:
-        out = self.forward_raw(inputs)
-        return out.sigmoid() if self.apply_sigmoid else out
+        out = torch.cat(outs, dim=1)
+        return out.sigmoid() if self.apply_sigmoid and not logits else out
 
 
 @torch.no_grad()

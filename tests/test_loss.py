@@ -440,9 +440,7 @@ def test_gradients_finite_through_d0(formulation):
     torch.manual_seed(0)
     model = EfficientDetBackbone(num_classes=3, compound_coef=0).train()
     images = torch.randn(2, 3, 128, 128)
-    features, regression, classification, anchors = model(images)
-    if formulation == "official":
-        classification = model.classifier.forward_raw(features)
+    features, regression, classification, anchors = model(images, logits=formulation == "official")
     annotations = torch.tensor([[[10., 20., 60., 90., 0.], [70., 5., 120., 40., 2.]],
                                 [[32., 32., 96., 96., 1.], [-1., -1., -1., -1., -1.]]])
     cls_loss, reg_loss = FocalLoss(formulation, from_logits=formulation == "official")(

@@ -58,6 +58,19 @@ def test_conformance_outputs(d0_model, d0_vectors):
         np.testing.assert_allclose(feature.numpy(), d0_vectors[f"bifpn_p{level}"], atol=1e-3, rtol=0)
 
 
+def test_one_forward_serves_the_loss_with_logits(d0_model, d0_vectors):
+    """``logits=True`` (the training forward) returns the classifier's pre-sigmoid output, the rest unchanged;
+    the fused inference form refuses it (its sigmoid is fused into the last conv)."""
+    images = torch.from_numpy(d0_vectors["input"])
+    with torch.no_grad():
+        _, regression, logits, anchors = d0_model(images, logits=True)
+    np.testing.assert_allclose(logits.sigmoid().numpy(), d0_vectors["classification"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(regression.numpy(), d0_vectors["regression"], atol=1e-4, rtol=0)
+    assert logits.min() < 0  # not probabilities
+    with pytest.raises(ValueError, match="fused sigmoid"):
+        d0_model.fuse()(images, logits=True)
+
+
 def test_pool_padding_matters(d0_weights, d0_vectors):
     """The official (-inf) pool padding is a different network: the published vectors need zeros."""
     model = EfficientDetBackbone(num_classes=90, compound_coef=0, pool_padding="official").eval()

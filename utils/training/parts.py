@@ -35,12 +35,7 @@ class ModelWithLoss(nn.Module):
         self.criterion = criterion
 
     def forward(self, images: Tensor, annotations: Tensor):
-        model = self.model
-        model.check_input_size(int(images.shape[2]), int(images.shape[3]))
-        features = model.bifpn(model.backbone_net(images))
-        regression = model.regressor(features)
-        logits = model.classifier.forward_raw(features)
-        anchors = model.anchors(images)
+        _, regression, logits, anchors = self.model(images, logits=True)
         cls_loss, reg_loss = self.criterion(logits, regression, anchors, annotations)
         return cls_loss, reg_loss, (regression, logits, anchors)
 
