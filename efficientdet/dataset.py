@@ -27,7 +27,6 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -38,7 +37,7 @@ from efficientdet.image_files import (PROBLEM_KINDS, PROGRESS_MIN_IMAGES, TAIL_B
                                       ImageProblem, inspect_image_file, read_image, verify_image_files, verify_images)
 from efficientdet.transforms import (MIN_BOX_SIZE, Augmenter, Compose, HorizontalFlip, Normalizer, PublishedTransform,
                                      RandomScaleCrop, Resizer, Sample, Transform, apply_transform, build_transform,
-                                     letterbox_size, resized_shape, takes_rng)
+                                     letterbox_size, resized_shape, takes_rng, to_unit_rgb)
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +310,7 @@ class CocoDataset(Dataset):
         return self._annotations[index].copy()
 
     def load_image(self, index: int) -> np.ndarray:
-        """``np.ndarray[H, W, 3] float32``, RGB in [0, 1].
+        """``np.ndarray[H, W, 3] float32``, RGB in [0, 1] (:func:`efficientdet.transforms.to_unit_rgb`).
 
         The file's bytes are checked (as at construction) and decoded with ``cv2.imdecode``
         (:func:`read_image`): a truncated JPEG is an error, never an image completed in grey.
@@ -328,8 +327,7 @@ class CocoDataset(Dataset):
             logger.warning("%s (image id %d) is %dx%d but %s says %dx%d; boxes are used as given", record.path,
                            record.image_id, image.shape[1], image.shape[0], self.annotation_file.name,
                            record.width, record.height)
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        return image.astype(np.float32) / 255.0
+        return to_unit_rgb(image).astype(np.float32)  # float32 as published (same bits as x.astype(f32) / 255)
 
     @property
     def decode_failures(self) -> int:

@@ -1,6 +1,16 @@
-"""The image pipeline of training and validation samples (SPEC §3, §6).
+"""The one image pipeline (SPEC §3, §6): the pixel arithmetic and geometry of training samples and of inference
+inputs (:mod:`utils.preprocess` calls :func:`to_unit_rgb`, :func:`normalize` and :func:`letterbox` from here).
 
-The image pipeline is the published one: BGR -> RGB, / 255, ``Normalizer`` (mean, std), then
+One dtype: the pixel arithmetic (/ 255, normalise, resize) is float64 (:data:`PIXEL_DTYPE`) and the canvas,
+the network's input, float32 (:data:`CANVAS_DTYPE`), in training and in inference: the published inference
+``preprocess`` bit for bit, and the published training ``Normalizer``/``Resizer`` (float64 after
+normalising). The one float32 step left is the published loader's raw image (``CocoDataset.load_image``
+returns ``to_unit_rgb(image)`` stored as float32, as published, for users who call it), so a training
+sample without augmentation equals the detector's input for the same image up to that rounding (< 2e-7).
+One geometry: :func:`letterbox` (aspect-preserving, ``int()``-truncated sides from
+:func:`resized_shape`, bilinear, top-left on a zero canvas).
+
+The sample pipeline is the published one: BGR -> RGB, / 255, ``Normalizer`` (mean, std), then
 ``HorizontalFlip`` (training), then ``Resizer`` (aspect-preserving resize so the longer side is the input
 size, pasted at the top-left of a zero canvas: the geometry of inference pre-processing) or, with scale
 jitter, ``RandomScaleCrop`` (the official recipe: random scale 0.1-2.0 of the output size, random crop,
@@ -33,6 +43,14 @@ PublishedTransform = Callable[[Sample], Sample]
 #: Boxes narrower or lower than this (pixels) are dropped, at loading and after jitter + crop.
 MIN_BOX_SIZE = 1.0
 
+#: The dtype of the pixel arithmetic (/ 255, normalise, resize), in training and in inference.
+PIXEL_DTYPE = np.float64
+#: The dtype of the canvas: the network's input.
+CANVAS_DTYPE = np.float32
+#: ImageNet's RGB mean and std in [0, 1] units: the published defaults (projects set their own).
+DEFAULT_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+DEFAULT_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+
 
 def resized_shape(old_h: int, old_w: int, canvas_h: int, canvas_w: int) -> Tuple[int, int]:
     """(new_h, new_w) of the aspect-preserving fit, as the published code rounds it (``int()`` truncation).
@@ -47,11 +65,47 @@ def resized_shape(old_h: int, old_w: int, canvas_h: int, canvas_w: int) -> Tuple
 
 
 
+def to_unit_rgb(image: np.ndarray) -> np.ndarray:
+    """BGR uint8 ``np.ndarray[H, W, 3]`` -> RGB ``[H, W, 3]`` :data:`PIXEL_DTYPE` in [0, 1]."""
+    return image[..., ::-1] / PIXEL_DTYPE(255.0)
+
+
+def normalize(image: np.ndarray, mean: Sequence[float] = DEFAULT_MEAN,
+              std: Sequence[float] = DEFAULT_STD) -> np.ndarray:
+    """RGB ``np.ndarray[H, W, 3]`` in [0, 1] -> ``(image - mean) / std`` per channel, :data:`PIXEL_DTYPE`."""
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std must have 3 values (R, G, B), got {list(mean)} and {list(std)}")
+    mean_ = np.asarray(mean, dtype=PIXEL_DTYPE).reshape(1, 1, 3)
+    std_ = np.asarray(std, dtype=PIXEL_DTYPE).reshape(1, 1, 3)
+    return ((image.astype(PIXEL_DTYPE, copy=False) - mean_) / std_).astype(PIXEL_DTYPE, copy=False)
+
+
+def letterbox(image: np.ndarray, canvas_h: int, canvas_w: int, interpolation: int = cv2.INTER_LINEAR,
+              fill: Union[None, float, Sequence[float]] = None) -> Tuple[np.ndarray, int, int]:
+    """The geometry of training and inference: ``image`` (``[H, W]`` or ``[H, W, C]``, any dtype cv2.resize
+    takes) resized to :func:`resized_shape` (only when the size changes) and pasted at the top-left of a
+    :data:`CANVAS_DTYPE` canvas ``[canvas_h, canvas_w, C]`` (C = 1 for ``[H, W]``) that is 0 elsewhere, or
+    ``fill`` (per channel) when given.
+
+    Returns ``(canvas, new_h, new_w)``; canvas pixels = original pixels · ``new_w / W`` (x), ``new_h / H`` (y).
+    """
+    old_h, old_w = image.shape[:2]
+    channels = image.shape[2] if image.ndim == 3 else 1
+    new_h, new_w = resized_shape(old_h, old_w, canvas_h, canvas_w)
+    if (new_h, new_w) != (old_h, old_w):
+        image = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+    canvas = np.zeros((canvas_h, canvas_w, channels), dtype=CANVAS_DTYPE)
+    if fill is not None:
+        canvas[...] = fill
+    canvas[:new_h, :new_w] = image.reshape(new_h, new_w, channels)  # cv2.resize drops a single channel
+    return canvas, new_h, new_w
+
+
 def letterbox_size(height: int, width: int, size: int) -> Tuple[int, int, float]:
     """Size of an image resized so that its longer side is ``size``, keeping its aspect.
 
     Returns ``(new_height, new_width, scale)`` with ``scale = size / max(height, width)``; the sides are
-    those of :func:`resized_shape`, which inference pre-processing (:mod:`utils.preprocess`) uses too, so
+    those of :func:`resized_shape`, which :func:`letterbox` (training and inference) uses, so
     training and inference see identical geometry. Boxes scale by ``scale``.
     """
     if height <= 0 or width <= 0 or size <= 0:
@@ -98,15 +152,14 @@ def apply_transform(transform: Union[Transform, PublishedTransform], sample: Sam
 
 
 class Normalizer:
-    """``(img - mean) / std`` per RGB channel; the image becomes float32 (published ``Normalizer(mean=, std=)``)."""
+    """``(img - mean) / std`` per RGB channel (:func:`normalize`, float64 as the published ``Normalizer(mean=, std=)``)."""
 
-    def __init__(self, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, 3)
-        self.std = np.asarray(std, dtype=np.float32).reshape(1, 1, 3)
+    def __init__(self, mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD) -> None:
+        self.mean = np.asarray(mean, dtype=PIXEL_DTYPE).reshape(1, 1, 3)
+        self.std = np.asarray(std, dtype=PIXEL_DTYPE).reshape(1, 1, 3)
 
     def __call__(self, sample: Sample, rng: Optional[np.random.Generator] = None) -> Sample:
-        sample["img"] = ((sample["img"].astype(np.float32) - self.mean) / self.std).astype(np.float32)
+        sample["img"] = normalize(sample["img"], self.mean.ravel(), self.std.ravel())
         return sample
 
 
@@ -180,9 +233,8 @@ class Resizer:
 
     def __call__(self, sample: Sample, rng: Optional[np.random.Generator] = None) -> Sample:
         image = sample["img"]
-        new_h, new_w, scale = letterbox_size(image.shape[0], image.shape[1], self.size)
-        canvas = np.zeros((self.size, self.size, 3), dtype=np.float32)
-        canvas[:new_h, :new_w] = _resize(image, new_h, new_w)
+        scale = letterbox_size(image.shape[0], image.shape[1], self.size)[2]
+        canvas = letterbox(image, self.size, self.size)[0]
         annot = sample["annot"].astype(np.float32, copy=True)
         annot[:, :4] *= scale
         sample.update(img=canvas, annot=annot, scale=float(sample.get("scale", 1.0)) * scale)
@@ -225,7 +277,7 @@ class RandomScaleCrop:
         offset_x = int(max(0, scaled_w - self.size) * rng.uniform(0.0, 1.0))
         scaled = _resize(image, scaled_h, scaled_w)
         crop = scaled[offset_y:offset_y + self.size, offset_x:offset_x + self.size]
-        canvas = np.zeros((self.size, self.size, 3), dtype=np.float32)
+        canvas = np.zeros((self.size, self.size, 3), dtype=CANVAS_DTYPE)
         canvas[:crop.shape[0], :crop.shape[1]] = crop
 
         annot = sample["annot"].astype(np.float32, copy=True)

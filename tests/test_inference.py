@@ -15,7 +15,8 @@ import efficientdet_test_videos
 from backbone import EfficientDetBackbone
 from utils import nms as nms_module
 from utils.inference import Detector
-from utils.preprocess import read_image, resized_shape
+from efficientdet.transforms import resized_shape
+from utils.preprocess import read_image
 from utils.project import load_project
 
 from tests.test_nms import reference_nms

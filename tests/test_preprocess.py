@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.preprocess import ImageMeta, boxes_to_original, list_images, preprocess, resized_shape
+from efficientdet.transforms import resized_shape
+from utils.preprocess import ImageMeta, boxes_to_original, list_images, preprocess
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -1,10 +1,12 @@
 """Image pre-processing and the inverse box mapping (SPEC §3), as the published implementation does it.
 
 Order (published ``preprocess`` / ``aspectaware_resize_padding``): BGR → RGB, ``/ 255``,
-``(x − mean) / std`` in float64, THEN an aspect-preserving ``cv2.resize`` (bilinear) of the normalised
-image so that it fits the canvas (the longer side equals the input size; the shorter one is
-``int(size / longer · shorter)``), pasted at the top-left of a zero float32 canvas. Padding is therefore 0
-in normalised units (the mean colour), not black.
+``(x − mean) / std``, THEN an aspect-preserving ``cv2.resize`` (bilinear) of the normalised image so that
+it fits the canvas (the longer side equals the input size; the shorter one is ``int(size / longer ·
+shorter)``), pasted at the top-left of a zero float32 canvas. Padding is therefore 0 in normalised units
+(the mean colour), not black. The pixel arithmetic and the geometry are the training pipeline's, from
+:mod:`efficientdet.transforms` (one dtype, float32; one geometry); this module adds reading, batching and
+the inverse box mapping.
 
 Boxes found on the canvas map back to the original image by dividing x by ``new_w / old_w`` and y by
 ``new_h / old_h`` (:func:`boxes_to_original`).
@@ -21,10 +23,7 @@ import torch
 from torch import Tensor
 
 from efficientdet.image_files import read_image as _read_checked_image
-from efficientdet.transforms import resized_shape  # the letterbox geometry, one definition for training and inference
-
-DEFAULT_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-DEFAULT_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+from efficientdet.transforms import DEFAULT_MEAN, DEFAULT_STD, letterbox, normalize, to_unit_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -127,36 +126,12 @@ def load_images(images: ImageInput) -> Tuple[List[np.ndarray], List[str]]:
     return loaded, sources
 
 
-def fit_to_canvas(image: np.ndarray, canvas_h: int, canvas_w: int, interpolation: int = cv2.INTER_LINEAR,
-                  fill: Union[None, float, Sequence[float]] = None) -> Tuple[np.ndarray, int, int]:
-    """The letterbox step alone: ``image`` (``[H, W]`` or ``[H, W, C]``, any dtype cv2.resize takes) resized
-    to :func:`resized_shape` (only when the size changes) and pasted at the top-left of a float32 canvas
-    ``[canvas_h, canvas_w, C]`` (C = 1 for ``[H, W]``) that is 0 elsewhere, or ``fill`` (per channel) when given.
-
-    Returns ``(canvas, new_h, new_w)``.
-    """
-    old_h, old_w = image.shape[:2]
-    channels = image.shape[2] if image.ndim == 3 else 1
-    new_h, new_w = resized_shape(old_h, old_w, canvas_h, canvas_w)
-    if (new_h, new_w) != (old_h, old_w):
-        image = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
-    canvas = np.zeros((canvas_h, canvas_w, channels), dtype=np.float32)
-    if fill is not None:
-        canvas[...] = fill
-    canvas[:new_h, :new_w] = image.reshape(new_h, new_w, channels)  # cv2.resize drops a single channel
-    return canvas, new_h, new_w
-
-
 def normalize_and_fit(image: np.ndarray, canvas_h: int, canvas_w: int, mean: Sequence[float],
                       std: Sequence[float]) -> Tuple[np.ndarray, int, int]:
-    """One BGR uint8 image ``[H, W, 3]`` -> (canvas float32 ``[canvas_h, canvas_w, 3]`` RGB normalised, new_h, new_w).
-
-    Normalises in float64 first, then resizes (cv2.INTER_LINEAR) only when the size changes
-    (:func:`fit_to_canvas`), as published.
-    """
-    rgb = image[..., ::-1]
-    normalized = (rgb / 255.0 - np.asarray(mean, dtype=np.float64)) / np.asarray(std, dtype=np.float64)
-    return fit_to_canvas(normalized, canvas_h, canvas_w)
+    """One BGR uint8 image ``[H, W, 3]`` -> (canvas float32 ``[canvas_h, canvas_w, 3]`` RGB normalised, new_h, new_w):
+    the training pipeline's steps (:mod:`efficientdet.transforms`): to RGB in [0, 1], normalise, then letterbox
+    (bilinear resize only when the size changes), as published."""
+    return letterbox(normalize(to_unit_rgb(image), mean, std), canvas_h, canvas_w)
 
 
 def preprocess(images: ImageInput, input_size: SizeSpec, mean: Sequence[float] = DEFAULT_MEAN,
@@ -179,8 +154,7 @@ def preprocess(images: ImageInput, input_size: SizeSpec, mean: Sequence[float] =
         ValueError: unreadable image, bad array, bad size, or no images; the message names the image.
     """
     canvas_h, canvas_w = canvas_size(input_size)
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std must have 3 values (R, G, B), got {list(mean)} and {list(std)}")
+    normalize(np.zeros((1, 1, 3), np.float32), mean, std)  # a bad mean/std is an error before any file is read
     originals, sources = load_images(images)
     canvases, metas = [], []
     for image, source in zip(originals, sources):

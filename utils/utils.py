@@ -42,8 +42,8 @@ from efficientdet.anchors import BBoxTransform, ClipBoxes
 from utils.cli import boolean_string
 from utils.draw import color_for_class, draw_box, name_to_bgr
 from utils.postprocess import postprocess as _postprocess
-from utils.preprocess import (DEFAULT_MEAN, DEFAULT_STD, ImageMeta, boxes_to_original, canvas_size, fit_to_canvas,
-                              load_images, normalize_and_fit)
+from efficientdet.transforms import DEFAULT_MEAN, DEFAULT_STD, letterbox
+from utils.preprocess import ImageMeta, boxes_to_original, canvas_size, load_images, normalize_and_fit
 
 __all__ = ["STANDARD_COLORS", "aspectaware_resize_padding", "boolean_string", "color_list", "from_colorname_to_bgr",
            "get_index_label", "invert_affine", "plot_one_box", "postprocess", "preprocess", "preprocess_video",
@@ -60,7 +60,7 @@ Meta = Tuple[int, int, int, int, int, int]
 def aspectaware_resize_padding(image: np.ndarray, width: int, height: int, interpolation: Optional[int] = None,
                                means: Union[None, float, Sequence[float]] = None
                                ) -> Tuple[np.ndarray, int, int, int, int, int, int]:
-    """Aspect-preserving resize onto the top-left of a float32 canvas (:func:`utils.preprocess.fit_to_canvas`).
+    """Aspect-preserving resize onto the top-left of a float32 canvas (:func:`efficientdet.transforms.letterbox`).
 
     Args:
         image: ``[H, W, C]`` (or ``[H, W]``) array of any dtype ``cv2.resize`` takes, already normalised for
@@ -80,20 +80,14 @@ def aspectaware_resize_padding(image: np.ndarray, width: int, height: int, inter
                          f"{getattr(image, 'shape', type(image).__name__)}")
     canvas_h, canvas_w = canvas_size((height, width))
     old_h, old_w = image.shape[:2]
-    canvas, new_h, new_w = fit_to_canvas(image, canvas_h, canvas_w,
-                                         cv2.INTER_LINEAR if interpolation is None else interpolation, fill=means)
+    canvas, new_h, new_w = letterbox(image, canvas_h, canvas_w,
+                                     cv2.INTER_LINEAR if interpolation is None else interpolation, fill=means)
     return canvas, new_w, new_h, old_w, old_h, canvas_w - new_w, canvas_h - new_h
-
-
-def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> None:
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std must have 3 values (R, G, B), got {list(mean)} and {list(std)}")
 
 
 def _frame(images: Sequence[np.ndarray], max_size: Union[int, Tuple[int, int]], mean: Sequence[float],
            std: Sequence[float]) -> Tuple[List[np.ndarray], List[Meta]]:
     """BGR uint8 images -> (framed images [H, W, 3] float32 RGB normalised, published metas)."""
-    _check_mean_std(mean, std)
     canvas_h, canvas_w = canvas_size(max_size)
     framed, metas = [], []
     for image in images:
