@@ -125,7 +125,7 @@ class EfficientDetBackbone(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> "FusedEfficientDet":
-        """This detector specialised for inference (a copy; the ``fused`` mode of :mod:`utils.optimize`):
+        """This detector specialised for inference (a copy; the ``fused`` mode of :mod:`utils.inference.modes`):
         BatchNorm folded (:meth:`fold_batchnorm`), then each module in its inference form (``fuse()`` of
         the same-padding convs and pools, swish, the MBConv blocks and the two heads side by side). Same
         outputs up to float round-off; not trainable, not a checkpoint."""
@@ -168,7 +168,7 @@ class FusedEfficientDet(nn.Module):
 
 
 def build_model(compound_coef: int, project) -> EfficientDetBackbone:
-    """The detector for a project (a :class:`utils.project.ProjectConfig`): its class count, anchor
+    """The detector for a project (a :class:`utils.config.project.ProjectConfig`): its class count, anchor
     scales and ratios, and its ``pool_padding`` key ("published" unless the YAML says "official")."""
     return EfficientDetBackbone(num_classes=project.num_classes, compound_coef=compound_coef,
                                 ratios=project.anchors_ratios, scales=project.anchors_scales,

@@ -3,7 +3,7 @@
     python convert_official.py -c 0 --ckpt efficientdet-d0/ -o weights/efficientdet-d0-official.pth
 
 Takes the ``NAME/ExponentialMovingAverage`` shadows the released numbers use (``--raw``: the raw variables).
-The mapping is :mod:`utils.tf_convert`. The converted model must be built with ``pool_padding="official"``
+The mapping is :mod:`utils.weights.tf_convert`. The converted model must be built with ``pool_padding="official"``
 and the official anchor ratios (``projects/coco_official.yml``); the output is a plain state_dict, written
 atomically.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from efficientdet.config import get_model_config
-from utils.cli import add_bool_arg, run_script
-from utils.tf_checkpoint import TFCheckpointReader
-from utils.tf_convert import convert
-from utils.weights import atomic_save
+from utils.config.cli import add_bool_arg, run_script
+from utils.weights.tf_checkpoint import TFCheckpointReader
+from utils.weights.tf_convert import convert
+from utils.weights.loading import atomic_save
 
 logger = logging.getLogger("convert_official")
 

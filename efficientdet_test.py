@@ -16,12 +16,12 @@ from typing import List, Optional, Sequence
 
 import cv2
 
-from utils.download import ensure_weights
-from utils.draw import draw_detections
-from utils.inference import Detections, Detector
-from utils.postprocess import DEMO_THRESHOLDS
-from utils.preprocess import list_images
-from utils.cli import add_bool_arg, add_inference_args, add_model_args, add_threshold_args, run_script
+from utils.weights.download import ensure_weights
+from utils.visual.draw import draw_detections
+from utils.inference.detector import Detections, Detector
+from utils.inference.postprocess import DEMO_THRESHOLDS
+from utils.inference.preprocess import list_images
+from utils.config.cli import add_bool_arg, add_inference_args, add_model_args, add_threshold_args, run_script
 
 DEFAULT_IMAGE = str(Path(__file__).resolve().parent / "test" / "img.jpg")  # the sample shipped in the repo
 SPEED_TEST_RUNS = 10

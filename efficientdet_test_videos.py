@@ -15,11 +15,11 @@ from typing import Optional, Sequence, Union
 
 import cv2
 
-from utils.download import ensure_weights
-from utils.draw import draw_detections
-from utils.inference import Detector
-from utils.postprocess import DEMO_THRESHOLDS
-from utils.cli import add_inference_args, add_model_args, add_threshold_args, run_script
+from utils.weights.download import ensure_weights
+from utils.visual.draw import draw_detections
+from utils.inference.detector import Detector
+from utils.inference.postprocess import DEMO_THRESHOLDS
+from utils.config.cli import add_inference_args, add_model_args, add_threshold_args, run_script
 
 DEFAULT_FPS = 25.0
 

@@ -8,7 +8,7 @@ The graph takes ``images`` float32[B, 3, H, W] (normalised RGB, H and W multiple
 and returns ``regression`` [B, N, 4] (dy, dx, dh, dw) and ``classification`` [B, N, C] (sigmoid), or with
 ``--with_decode`` ``boxes`` [B, N, 4] (x1, y1, x2, y2) input pixels clipped to the input and ``scores``
 [B, N, C]; the anchors of the exported input size are a constant of the graph. BatchNorm is folded.
-Score thresholding and NMS stay outside the graph (``utils.postprocess``). Needs ``onnx`` and
+Score thresholding and NMS stay outside the graph (``utils.inference.postprocess``). Needs ``onnx`` and
 ``onnxruntime`` (requirements-dev.txt).
 """
 from __future__ import annotations
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from backbone import build_model
-from utils.onnx_export import ExportModule, export_onnx
-from utils.project import load_project
-from utils.weights import load_weights
-from utils.cli import add_bool_arg, add_model_args, run_script
+from utils.inference.onnx_export import ExportModule, export_onnx
+from utils.config.project import load_project
+from utils.weights.loading import load_weights
+from utils.config.cli import add_bool_arg, add_model_args, run_script
 
 ONNX_TOLERANCE = 1e-4
 

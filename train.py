@@ -12,7 +12,7 @@ The YAML's ``num_gpus``: 0 trains on the CPU, N > 1 starts N DistributedDataPara
 evenly (it must be a multiple of N), as in the published code.
 
 The work is :func:`utils.training.run_training` (the loop: ``utils/training/``). Checkpoints
-(``utils/checkpoints.py``): ``{saved_path}/{project_name}/efficientdet-d{c}_{epoch}_{step}.pth``
+(``utils/weights/checkpoints.py``): ``{saved_path}/{project_name}/efficientdet-d{c}_{epoch}_{step}.pth``
 is a plain state_dict as the published ``train.py`` wrote (EMA weights with ``--ema``), with the
 training state beside it in ``.state.pt``; written every ``--save_interval`` steps, at each epoch end
 and on Ctrl+C / SIGTERM (then the exit status is 130 / 143), plus ``..._best.pth``.
@@ -27,7 +27,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from utils.cli import add_bool_arg, add_model_args, run_script
+from utils.config.cli import add_bool_arg, add_model_args, run_script
 from utils.training import run_training
 
 __all__ = ["parse_args", "main"]

@@ -37,8 +37,8 @@ from efficientdet.config import get_model_config  # noqa: E402
 from efficientdet.dataset import CocoDataset, create_dataloaders, verify_images  # noqa: E402
 from efficientdet.loss import FocalLoss  # noqa: E402
 from utils.training.parts import ModelWithLoss  # noqa: E402
-from utils.cli import add_bool_arg, run_script  # noqa: E402
-from utils.project import load_project  # noqa: E402
+from utils.config.cli import add_bool_arg, run_script  # noqa: E402
+from utils.config.project import load_project  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

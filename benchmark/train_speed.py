@@ -8,7 +8,7 @@ Variants, measured in the same run on the same synthetic batch:
   implementation does) and denormal floats left on;
 - ``+conv-padding``: stride-1 convs pad themselves (identical numbers, no extra copy);
 - ``+flush-denormal``: that plus ``torch.set_flush_denormal(True)``;
-- ``current``: that plus glibc keeping freed memory (``utils.cli.keep_freed_memory``), which is what
+- ``current``: that plus glibc keeping freed memory (``utils.config.cli.keep_freed_memory``), which is what
   ``train.py`` runs with (process-wide, so it is measured last).
 
 Prints the median seconds per step after warm-up and each variant's ratio against ``baseline``.
@@ -34,7 +34,7 @@ from backbone import EfficientDetBackbone  # noqa: E402
 from efficientdet.loss import FocalLoss  # noqa: E402
 from efficientnet.utils import Conv2dStaticSamePadding  # noqa: E402
 from utils.training.parts import ModelWithLoss  # noqa: E402
-from utils.cli import add_bool_arg, keep_freed_memory  # noqa: E402
+from utils.config.cli import add_bool_arg, keep_freed_memory  # noqa: E402
 
 WARMUP = 3  # untimed steps per variant
 

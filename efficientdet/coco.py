@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 
 class ProjectLike(Protocol):
-    """What this module reads of a ``utils.project.ProjectConfig`` (``efficientdet/`` does not import ``utils/``)."""
+    """What this module reads of a ``utils.config.project.ProjectConfig`` (``efficientdet/`` does not import ``utils/``)."""
 
     project_name: str
     train_set: str

@@ -73,7 +73,7 @@ class CocoDataset(Dataset):
         set_name: ``train2017``, ``val``, …: images in ``root/set_name``, annotations in
             ``root/annotations/instances_<set_name>.json``; ``set`` is the published name (default
             ``'train2017'``).
-        obj_list: the project (``utils.project.ProjectConfig``) or its ``obj_list``; ``obj_list[category_id - 1]``
+        obj_list: the project (``utils.config.project.ProjectConfig``) or its ``obj_list``; ``obj_list[category_id - 1]``
             must be a non-empty name for every category id used. None: the names of the json's
             ``categories``, at ``category_id - 1`` (``''`` for unused ids), as the published dataset labels them.
         transform: ``transform(sample, rng) -> sample`` (see :func:`build_transform`) or a published

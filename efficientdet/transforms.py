@@ -1,5 +1,5 @@
 """The one image pipeline (SPEC §3, §6): the pixel arithmetic and geometry of training samples and of inference
-inputs (:mod:`utils.preprocess` calls :func:`to_unit_rgb`, :func:`normalize` and :func:`letterbox` from here).
+inputs (:mod:`utils.inference.preprocess` calls :func:`to_unit_rgb`, :func:`normalize` and :func:`letterbox` from here).
 
 One dtype: the pixel arithmetic (/ 255, normalise, resize) is float64 (:data:`PIXEL_DTYPE`) and the canvas,
 the network's input, float32 (:data:`CANVAS_DTYPE`), in training and in inference: the published inference

@@ -142,7 +142,7 @@ def drop_connect(x: Tensor, rate: float, training: bool) -> Tensor:
 # For inference only: not trainable, not a checkpoint layout.
 # ---------------------------------------------------------------------------------------------------------
 # Input shapes whose oneDNN-packed weights an InferenceConv2d keeps by default (also the frozen graphs an
-# InferenceModel keeps, utils/optimize.py).
+# InferenceModel keeps, utils/inference/modes.py).
 TRACE_CACHE_SIZE = 4
 
 

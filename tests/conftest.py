@@ -95,7 +95,7 @@ def bundle_dir(conformance_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def reader(bundle_dir):
-    """A :class:`utils.tf_checkpoint.TFCheckpointReader` of that bundle."""
-    from utils.tf_checkpoint import TFCheckpointReader
+    """A :class:`utils.weights.tf_checkpoint.TFCheckpointReader` of that bundle."""
+    from utils.weights.tf_checkpoint import TFCheckpointReader
 
     return TFCheckpointReader(bundle_dir)

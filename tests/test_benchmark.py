@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from backbone import EfficientDetBackbone
-from benchmark import benchmark
-from utils.postprocess import Detections
+from benchmark import benchmark, speed
+from utils.inference.postprocess import Detections
 
 
 def test_benchmark_json_and_table(tmp_path, capsys):
@@ -35,7 +35,7 @@ def test_benchmark_json_and_table(tmp_path, capsys):
 def test_each_round_warms_up_then_times_consecutive_runs_per_mode(monkeypatch):
     # SPEC §7 per mode: one warm-up, then the timed runs back to back (not interleaved with other modes).
     calls = []
-    real_runner_for = benchmark._runner_for
+    real_runner_for = speed._runner_for
 
     def recording_runner_for(mode, *args, **kwargs):
         runner = real_runner_for(mode, *args, **kwargs)
@@ -45,10 +45,10 @@ def test_each_round_warms_up_then_times_consecutive_runs_per_mode(monkeypatch):
             return runner(images)
         return run
 
-    monkeypatch.setattr(benchmark, "_runner_for", recording_runner_for)
+    monkeypatch.setattr(speed, "_runner_for", recording_runner_for)
     torch.manual_seed(0)
     model = EfficientDetBackbone(num_classes=90, compound_coef=0).eval()
-    results = benchmark.benchmark(model, ["eager", "fused"], 1, 128, torch.device("cpu"), runs=3, threshold=0.2,
+    results = speed.benchmark(model, ["eager", "fused"], 1, 128, torch.device("cpu"), runs=3, threshold=0.2,
                                   iou_threshold=0.2, seed=0, threads=2, rounds=2)
     # Setup runs (one per mode), then per round and mode: warm-up + 3 timed runs.
     round_calls = ["eager"] * 4 + ["fused"] * 4
@@ -60,22 +60,22 @@ def test_calibrated_bias_gives_the_requested_candidates():
     torch.manual_seed(0)
     model = EfficientDetBackbone(num_classes=90, compound_coef=0).eval()
     images = torch.randn(1, 3, 128, 128)
-    benchmark.calibrate_class_bias(model, images, threshold=0.2, candidates=7)
+    speed.calibrate_class_bias(model, images, threshold=0.2, candidates=7)
     with torch.no_grad():
         _, _, classification, _ = model(images)
     assert int((classification > 0.2).sum()) == 7
     # Logits spread to the calibrated standard deviation (random weights bunch them within a fraction of a unit).
     spread = torch.logit(classification.double(), eps=1e-12).std().item()
-    assert spread == pytest.approx(benchmark.CALIBRATED_LOGIT_STD, rel=1e-3)
+    assert spread == pytest.approx(speed.CALIBRATED_LOGIT_STD, rel=1e-3)
 
 
 def test_same_detections():
     a = Detections(np.zeros((1, 4), np.float32), np.array([3]), np.array([0.9], np.float32), ["x"])
     b = Detections(np.full((1, 4), 5e-4, np.float32), np.array([3]), np.array([0.8], np.float32), ["x"])
-    assert benchmark.same_detections(a, b)
-    assert not benchmark.same_detections(a, Detections.empty())
+    assert speed.same_detections(a, b)
+    assert not speed.same_detections(a, Detections.empty())
     b.class_ids = np.array([4])
-    assert not benchmark.same_detections(a, b)
+    assert not speed.same_detections(a, b)
 
 
 def test_unknown_mode_is_one_line_error(capsys):

@@ -1,4 +1,4 @@
-"""utils/checkpoints.py and the atomic writer of utils/weights.py: published-format files, the training
+"""utils/weights/checkpoints.py and the atomic writer of utils/weights/loading.py: published-format files, the training
 state beside them, the ``last`` pointer, disk full, killed saves, file modes."""
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import train
-import utils.weights
+import utils.weights.loading
 from tests.test_train import base_args, ckpt_dir, latest_state, read_log, write_tiny_project
-from utils.checkpoints import (find_resume_point, pointer_path, read_state, save_checkpoint,
+from utils.weights.checkpoints import (find_resume_point, pointer_path, read_state, save_checkpoint,
                                state_path, step_from_name)
-from utils.weights import atomic_save, first_non_finite, remove_stale_temp_files
+from utils.weights.loading import atomic_save, first_non_finite, remove_stale_temp_files
 
 
 def small_state_dict(value: float = 1.0):
@@ -74,7 +74,7 @@ def test_disk_full_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(utils.weights.os, "write", full)
+    monkeypatch.setattr(utils.weights.loading.os, "write", full)
     with pytest.raises(OSError, match=r"^\[Errno 28\] cannot write .*w.pth: No space left on device$"):
         atomic_save(small_state_dict(2.0), target)
     assert target.read_bytes() == before
@@ -124,7 +124,7 @@ def test_train_disk_full_exits_non_zero_and_keeps_the_last_checkpoint(tmp_path, 
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(utils.weights.os, "write", full)
+    monkeypatch.setattr(utils.weights.loading.os, "write", full)
     assert train.main(train.parse_args(args + ["-w", "last", "--max_steps", "2"])) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: [Errno 28] cannot write") and "No space left on device" in err[-1]
@@ -142,7 +142,7 @@ def test_train_after_kill_during_save_cleans_up_and_resumes(tmp_path):
     assert train.main(train.parse_args(args + ["--max_steps", "1"])) == 0
     folder = ckpt_dir(tmp_path, "k")
     # A real process killed with SIGKILL in the middle of writing (after the temporary file is created).
-    script = (f"import os, signal, sys; sys.path.insert(0, {str(Path(train.__file__).parent)!r}); import utils.weights as w\n"
+    script = (f"import os, signal, sys; sys.path.insert(0, {str(Path(train.__file__).parent)!r}); import utils.weights.loading as w\n"
               "real = os.write\n"
               "def write(fd, data):\n    real(fd, bytes(data[:1000])); os.kill(os.getpid(), signal.SIGKILL)\n"
               "w.os.write = write\n"

@@ -9,14 +9,15 @@ from typing import Tuple
 
 import pytest
 
-pytest.importorskip("utils.inference")  # the shared inference path (utils/inference.py)
+pytest.importorskip("utils.inference.detector")  # the shared inference path (utils/inference/detector.py)
 
 import torch  # noqa: E402
 
 import coco_eval  # noqa: E402
 from backbone import EfficientDetBackbone  # noqa: E402
-from utils.evaluation import STAT_NAMES, provenance_path, save_results  # noqa: E402
-from utils.project import load_project  # noqa: E402
+from utils.config.device import resolve_published_device  # noqa: E402
+from utils.evaluation import STAT_NAMES, evaluation_provenance, provenance_path, save_results  # noqa: E402
+from utils.config.project import load_project  # noqa: E402
 from tests.conftest import project_yaml  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,8 +158,9 @@ def test_empty_result_prints_zero_map(setup, capsys):
 def test_reused_results_are_validated_too(setup, capsys, monkeypatch):
     """A results file with a valid provenance record is still checked: unknown image ids are one line."""
     args = coco_eval.parse_args(argv(setup, "--override", "False"))
-    provenance = coco_eval.results_provenance(args, load_project(setup["project"]), setup["weights"],
-                                              setup["ann_file"])
+    provenance = evaluation_provenance(setup["weights"], setup["ann_file"], load_project(setup["project"]), 0, 256,
+                                       threshold=args.threshold, nms_threshold=args.nms_threshold, nms=args.nms,
+                                       max_images=args.max_images, mode=args.mode, float16=False)
     save_results(setup["out"] / "val_bbox_results.json",
                  [{"image_id": 4242, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9}], provenance)
     monkeypatch.setattr(coco_eval, "compute_results", model_must_not_run)
@@ -309,19 +311,19 @@ def test_published_boolean_forms(setup, capsys, monkeypatch):
 def test_cuda_and_device_options_resolve_as_published(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert coco_eval.resolve_device(True, None) == (torch.device("cuda"), None)
-    assert coco_eval.resolve_device(True, "1") == (torch.device("cuda:1"), None)
-    assert coco_eval.resolve_device(True, "cpu") == (torch.device("cpu"), None)
-    assert coco_eval.resolve_device(False, "1") == (torch.device("cpu"), None)  # the index needs --cuda True
+    assert resolve_published_device(True, None) == (torch.device("cuda"), None)
+    assert resolve_published_device(True, "1") == (torch.device("cuda:1"), None)
+    assert resolve_published_device(True, "cpu") == (torch.device("cpu"), None)
+    assert resolve_published_device(False, "1") == (torch.device("cpu"), None)  # the index needs --cuda True
     with pytest.raises(ValueError, match="--cuda False asks for the CPU, but --device cuda:1"):
-        coco_eval.resolve_device(False, "cuda:1")
+        resolve_published_device(False, "cuda:1")
     with pytest.raises(ValueError, match="only 2 CUDA device"):
-        coco_eval.resolve_device(True, "5")
+        resolve_published_device(True, "5")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    device, note = coco_eval.resolve_device(True, "0")
+    device, note = resolve_published_device(True, "0")
     assert device == torch.device("cpu") and note.startswith("note: no CUDA device")
     with pytest.raises(ValueError, match="CUDA is not available"):
-        coco_eval.resolve_device(True, "cuda:0")  # asked for by name: no silent fallback
+        resolve_published_device(True, "cuda:0")  # asked for by name: no silent fallback
 
 
 def nan_checkpoint(setup) -> Tuple[Path, str]:

@@ -1,4 +1,4 @@
-"""utils/tf_convert.py and convert_official.py: official TF checkpoint -> our state_dict, checked against the official network's outputs."""
+"""utils/weights/tf_convert.py and convert_official.py: official TF checkpoint -> our state_dict, checked against the official network's outputs."""
 from __future__ import annotations
 
 import shutil
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import convert_official
-from utils.tf_convert import (OFFICIAL_RATIOS, bifpn_nodes, build_model, checkpoint_facts, convert,
+from utils.weights.tf_convert import (OFFICIAL_RATIOS, bifpn_nodes, build_model, checkpoint_facts, convert,
                               official_mappings)
 from efficientdet.config import get_model_config
-from utils.project import load_project
-from utils.weights import load_weights
+from utils.config.project import load_project
+from utils.weights.loading import load_weights
 
 EMA = "/ExponentialMovingAverage"
 

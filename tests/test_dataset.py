@@ -17,7 +17,7 @@ from efficientdet.dataset import (TAIL_BYTES, Augmenter, BadImageError, CocoData
                                   create_dataloaders, inspect_image_file, letterbox_size, read_image, takes_rng,
                                   verify_image_files, verify_images)
 from tools.make_shape_dataset import make_shape_dataset, parse_args as make_shape_parse_args, main as make_shape_main
-from utils.project import load_project
+from utils.config.project import load_project
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -805,7 +805,7 @@ def test_validation_sample_is_the_detector_input(synthetic_root):
     """One image pipeline (efficientdet.transforms): a validation sample and the detector's pre-processing
     of the same file agree in geometry exactly and in value up to the float32 raw image of the published
     loader (< 5e-7)."""
-    from utils.preprocess import preprocess
+    from utils.inference.preprocess import preprocess
 
     dataset = CocoDataset(synthetic_root, "val", ["circle", "rectangle", "triangle"],
                           transform=build_transform(96, MEAN, STD, train=False))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.download import (WEIGHT_URLS, DownloadError, default_weights_path, download, download_weights,
+from utils.weights.download import (WEIGHT_URLS, DownloadError, default_weights_path, download, download_weights,
                             ensure_weights, weights_url)
 
 
@@ -134,3 +134,12 @@ def test_published_urls():
     assert all(u.startswith("https://github.com/zylo117/Yet-Another-Efficient-Pytorch/") for u in WEIGHT_URLS.values())
     with pytest.raises(ValueError, match="9"):
         weights_url(9)
+
+
+def test_default_weights_folder_is_the_repository_weights_folder():
+    """``weights/`` beside the scripts (the published place), whatever package the download code lives in."""
+    from utils.weights.download import WEIGHTS_DIR
+
+    repository = Path(__file__).resolve().parents[1]
+    assert WEIGHTS_DIR == repository / "weights" and (repository / "efficientdet_test.py").is_file()
+    assert default_weights_path(3) == repository / "weights" / "efficientdet-d3.pth"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import webcolors
 
-from utils.draw import MAX_LUMA, color_for_class, draw_detections, line_thickness, palette
+from utils.visual.draw import MAX_LUMA, color_for_class, draw_detections, line_thickness, palette
 
 
 def test_palette_is_css3_deterministic_and_not_too_light():

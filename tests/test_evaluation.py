@@ -23,7 +23,7 @@ from utils.evaluation import (STAT_NAMES, detections_to_coco, evaluate_coco, fil
 
 @dataclass
 class FakeDetections:
-    """Same fields as ``utils.inference.Detections`` (the evaluation only reads them)."""
+    """Same fields as ``utils.inference.detector.Detections`` (the evaluation only reads them)."""
 
     boxes: np.ndarray
     class_ids: np.ndarray
@@ -274,7 +274,7 @@ def test_metrics_to_json_is_strict_json(coco_tiny):
 
 
 class RecordingDetector:
-    """Stands in for utils.inference.Detector: records the batches, returns one box per image."""
+    """Stands in for utils.inference.detector.Detector: records the batches, returns one box per image."""
 
     def __init__(self) -> None:
         self.batches: List[List[str]] = []

@@ -10,7 +10,7 @@ import torch
 import export
 from backbone import EfficientDetBackbone
 from efficientdet.anchors import BBoxTransform, ClipBoxes
-from utils.onnx_export import export_onnx
+from utils.inference.onnx_export import export_onnx
 
 HW = (128, 128)  # D0's smallest input, for speed
 ATOL = 1e-4

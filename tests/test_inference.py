@@ -13,11 +13,11 @@ import torch
 import efficientdet_test
 import efficientdet_test_videos
 from backbone import EfficientDetBackbone
-from utils import nms as nms_module
-from utils.inference import Detector
+from utils.inference import nms as nms_module
+from utils.inference.detector import Detector
 from efficientdet.transforms import resized_shape
-from utils.preprocess import read_image
-from utils.project import load_project
+from utils.inference.preprocess import read_image
+from utils.config.project import load_project
 
 from tests.test_nms import reference_nms
 from tests.conftest import project_yaml

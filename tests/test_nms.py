@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils import nms as nms_module
-from utils.nms import COORDINATE_TRICK_MAX_BOXES, batched_nms, batched_nms_torch, nms, nms_torch
+from utils.inference import nms as nms_module
+from utils.inference.nms import COORDINATE_TRICK_MAX_BOXES, batched_nms, batched_nms_torch, nms, nms_torch
 
 
 def reference_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list:

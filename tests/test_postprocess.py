@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils import nms as nms_module
-from utils.postprocess import Detections, postprocess, postprocess_tensors
+from utils.inference import nms as nms_module
+from utils.inference.postprocess import Detections, postprocess, postprocess_tensors
 
 from tests.test_nms import reference_nms
 
@@ -139,7 +139,7 @@ def test_detections_empty():
 @pytest.mark.parametrize("num_rows", [4096, 4095, 499, 1])  # screened in groups of 16, 9; none (prime, 1)
 @pytest.mark.parametrize("num_classes", [1, 3, 90, 91])
 def test_rows_above_threshold_equals_row_maximum(num_rows, num_classes, dtype):
-    from utils.postprocess import _rows_above
+    from utils.inference.postprocess import _rows_above
 
     torch.manual_seed(num_rows + num_classes)
     scores = (torch.rand(num_rows, num_classes) * 0.3).to(dtype)

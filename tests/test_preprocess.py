@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from efficientdet.transforms import resized_shape
-from utils.preprocess import ImageMeta, boxes_to_original, list_images, preprocess
+from utils.inference.preprocess import ImageMeta, boxes_to_original, list_images, preprocess
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -143,7 +143,7 @@ def test_list_images(tmp_path):
 def test_truncated_image_is_an_error_naming_the_file(tmp_path):
     """Inference reads images with the training loader's checks: a JPEG cut to a third is refused, not
     decoded into an image completed in grey."""
-    from utils.preprocess import read_image
+    from utils.inference.preprocess import read_image
 
     path = tmp_path / "cut.jpg"
     cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))

@@ -1,4 +1,4 @@
-"""Project YAML (utils/project.py): the shipped projects, the anchor parser, every error path."""
+"""Project YAML (utils/config/project.py): the shipped projects, the anchor parser, every error path."""
 from __future__ import annotations
 
 import time
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.project import (MAX_DEPTH, MAX_ELEMENTS, MAX_TEXT_LENGTH, PROJECTS_DIR, REQUIRED_KEYS, load_project,
+from utils.config.project import (MAX_DEPTH, MAX_ELEMENTS, MAX_TEXT_LENGTH, PROJECTS_DIR, REQUIRED_KEYS, load_project,
                            parse_number_list, resolve_project_path)
 
 COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)

@@ -1,6 +1,6 @@
 """The published module API (efficientdet/utils.py, utils/utils.py, the published FocalLoss call): users' scripts
 and notebooks written against zylo117 "Yet-Another-EfficientDet-Pytorch" run unchanged and get the numbers of
-the project's one implementation (utils.inference.Detector, efficientdet.anchors, utils.preprocess, ...)."""
+the project's one implementation (utils.inference.detector.Detector, efficientdet.anchors, utils.inference.preprocess, ...)."""
 from __future__ import annotations
 
 import inspect
@@ -21,12 +21,12 @@ from tests.conftest import REPO
 from tests.test_loss import reference_yaep
 from tests.test_postprocess import crafted_classification, reference_postprocess
 from tests.test_train import base_args, write_tiny_project
-from utils.cli import boolean_string as cli_boolean_string
-from utils.inference import Detector
-from utils.postprocess import postprocess as project_postprocess
-from utils.preprocess import ImageMeta, boxes_to_original
-from utils.preprocess import preprocess as batch_preprocess
-from utils.project import load_project
+from utils.config.cli import boolean_string as cli_boolean_string
+from utils.inference.detector import Detector
+from utils.inference.postprocess import postprocess as project_postprocess
+from utils.inference.preprocess import ImageMeta, boxes_to_original
+from utils.inference.preprocess import preprocess as batch_preprocess
+from utils.config.project import load_project
 from utils.utils import (STANDARD_COLORS, aspectaware_resize_padding, boolean_string, color_list, get_index_label,
                          invert_affine, plot_one_box, postprocess, preprocess, preprocess_video, standard_to_bgr)
 
@@ -38,7 +38,7 @@ SCALES = [2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0)]
 
 
 # --------------------------------------------------------------------------------------------------
-# The published inference snippet against utils.inference.Detector.
+# The published inference snippet against utils.inference.detector.Detector.
 
 
 def published_snippet(weights_path: Path, img_path: str, input_size: int, obj_list: Sequence[str],

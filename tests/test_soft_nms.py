@@ -1,4 +1,4 @@
-"""utils/soft_nms.py against a brute-force numpy reference of automl's ``nms_np`` gaussian soft-NMS."""
+"""utils/inference/soft_nms.py against a brute-force numpy reference of automl's ``nms_np`` gaussian soft-NMS."""
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from efficientdet.anchors import Anchors
-from utils.soft_nms import official_postprocess, soft_nms
+from utils.inference.soft_nms import official_postprocess, soft_nms
 
 
 def reference_soft_nms(boxes: np.ndarray, scores: np.ndarray, sigma: float = 0.5,

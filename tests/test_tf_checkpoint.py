@@ -1,4 +1,4 @@
-"""utils/tf_checkpoint.py: TF checkpoint bundles read without TensorFlow."""
+"""utils/weights/tf_checkpoint.py: TF checkpoint bundles read without TensorFlow."""
 from __future__ import annotations
 
 import shutil
@@ -10,8 +10,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from utils.crc32c import _raw_crc_python, crc32c, mask_crc
-from utils.tf_checkpoint import TABLE_MAGIC, TFCheckpointReader, parse_protobuf, resolve_prefix
+from utils.weights.crc32c import _raw_crc_python, crc32c, mask_crc
+from utils.weights.tf_checkpoint import TABLE_MAGIC, TFCheckpointReader, parse_protobuf, resolve_prefix
 
 PROBE = "resample_p6/conv2d/kernel"  # 1x1x320x64 float32, large enough for the vectorised crc path
 

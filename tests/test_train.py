@@ -174,7 +174,7 @@ def test_overfits_two_images_and_detects_their_boxes(tmp_path, monkeypatch):
     before eval mode matches train mode; --bn_momentum 0.1 lets 80 steps suffice. The thread count changes
     float round-off and so the trajectory: lr 2e-3 reaches mAP ~0.8 at 1, 2 and 3 threads (1e-3 only 0.52
     at 1 thread)."""
-    from utils.inference import Detector
+    from utils.inference.detector import Detector
 
     yaml_path = write_tiny_project(tmp_path)
     monkeypatch.chdir(tmp_path)  # --debug writes to ./test/
@@ -408,7 +408,7 @@ def test_stop_signals_in_every_phase(tmp_path, monkeypatch, capsys):
 def test_non_finite_training_never_writes_non_finite_tensors(tmp_path, capsys):
     """--lr 1e4: the steps that go non-finite are undone; the run stops after 10 with a true message naming
     a checkpoint that holds only finite tensors and resumes with a lower lr."""
-    from utils.weights import first_non_finite
+    from utils.weights.loading import first_non_finite
 
     yaml_path = write_tiny_project(tmp_path, num_train=4)
     common = ["--batch_size", "2", "--save_interval", "1", "--val_interval", "2", "--num_epochs", "20"]

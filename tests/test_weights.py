@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backbone import EfficientDetBackbone
-from utils.weights import describe_state_dict, load_weights
+from utils.weights.loading import describe_state_dict, load_weights
 
 
 def _meta_state_dict(compound_coef: int, num_classes: int = 90):

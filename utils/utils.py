@@ -12,10 +12,10 @@ notebooks written against it. The published inference snippet runs unchanged::
     out = invert_affine(framed_metas, out)   # out[i]['rois'], out[i]['class_ids'], out[i]['scores']
 
 Every function is a thin adapter over the project's one implementation, so the numbers are the same bits as
-:class:`utils.inference.Detector`'s: pre-processing is :mod:`utils.preprocess` (SPEC §3), post-processing
-:func:`utils.postprocess.postprocess`, the inverse mapping :func:`utils.preprocess.boxes_to_original` (without
+:class:`utils.inference.detector.Detector`'s: pre-processing is :mod:`utils.inference.preprocess` (SPEC §3), post-processing
+:func:`utils.inference.postprocess.postprocess`, the inverse mapping :func:`utils.inference.preprocess.boxes_to_original` (without
 clipping, as published: construct the Detector with ``clip_to_image=False`` to compare), drawing
-:mod:`utils.draw`, ``boolean_string`` :func:`utils.cli.boolean_string`.
+:mod:`utils.visual.draw`, ``boolean_string`` :func:`utils.config.cli.boolean_string`.
 
 One layout note: the snippet's ``permute(0, 3, 1, 2)`` hands the network a channels-last tensor, and oneDNN's
 channels-last convolutions round differently (about 1e-7) from the contiguous ones. With ``x = x.contiguous()``
@@ -27,7 +27,7 @@ Deliberate differences from the published functions (each documented where it ap
 images are errors naming the file (published: ``None`` and a crash later); empty results are arrays of shape
 ``[0, 4]`` / ``[0]`` (published: ``np.array(())``); ``aspectaware_resize_padding`` makes a ``height × width``
 canvas (published: ``height × height``); ``standard_to_bgr`` converts every name it is given (published: all but
-the last 36). New code should use :class:`utils.inference.Detector`.
+the last 36). New code should use :class:`utils.inference.detector.Detector`.
 """
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from efficientdet.anchors import BBoxTransform, ClipBoxes
-from utils.cli import boolean_string
-from utils.draw import color_for_class, draw_box, name_to_bgr
-from utils.postprocess import postprocess as _postprocess
+from utils.config.cli import boolean_string
+from utils.visual.draw import color_for_class, draw_box, name_to_bgr
+from utils.inference.postprocess import postprocess as _postprocess
 from efficientdet.transforms import DEFAULT_MEAN, DEFAULT_STD, letterbox
-from utils.preprocess import ImageMeta, boxes_to_original, canvas_size, load_images, normalize_and_fit
+from utils.inference.preprocess import ImageMeta, boxes_to_original, canvas_size, load_images, normalize_and_fit
 
 __all__ = ["STANDARD_COLORS", "aspectaware_resize_padding", "boolean_string", "color_list", "from_colorname_to_bgr",
            "get_index_label", "invert_affine", "plot_one_box", "postprocess", "preprocess", "preprocess_video",
@@ -100,7 +100,7 @@ def _frame(images: Sequence[np.ndarray], max_size: Union[int, Tuple[int, int]], 
 def preprocess(*image_path: str, max_size: Union[int, Tuple[int, int]] = 512,
                mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD
                ) -> Tuple[List[np.ndarray], List[np.ndarray], List[Meta]]:
-    """Read and pre-process images for the network, as published (SPEC §3; :mod:`utils.preprocess`).
+    """Read and pre-process images for the network, as published (SPEC §3; :mod:`utils.inference.preprocess`).
 
     Args:
         *image_path: image files (BGR uint8 arrays are accepted too).
@@ -150,7 +150,7 @@ def _check_coder(module: nn.Module, cls: type, name: str) -> None:
 
 def postprocess(x: Tensor, anchors: Tensor, regression: Tensor, classification: Tensor, regressBoxes: nn.Module,
                 clipBoxes: nn.Module, threshold: float, iou_threshold: float) -> List[Dict[str, np.ndarray]]:
-    """Network outputs -> detections per image, as published (:func:`utils.postprocess.postprocess`).
+    """Network outputs -> detections per image, as published (:func:`utils.inference.postprocess.postprocess`).
 
     Args:
         x: the network input ``Tensor[B, 3, H, W]`` (only its size is used: boxes are clipped to it).
@@ -178,7 +178,7 @@ def postprocess(x: Tensor, anchors: Tensor, regression: Tensor, classification: 
 
 def invert_affine(metas: Sequence[Sequence[int]], preds: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Map every ``preds[i]['rois']`` from the network input back to image ``i``'s pixels, in place, and return
-    ``preds`` (:func:`utils.preprocess.boxes_to_original`: x divided by ``new_w / old_w``, y by
+    ``preds`` (:func:`utils.inference.preprocess.boxes_to_original`: x divided by ``new_w / old_w``, y by
     ``new_h / old_h``; no clipping, as published).
 
     Args:
@@ -237,7 +237,7 @@ Color = Tuple[int, int, int]
 
 
 def from_colorname_to_bgr(color: str) -> Color:
-    """A CSS3 colour name -> BGR triple (:func:`utils.draw.name_to_bgr`); ValueError for an unknown name."""
+    """A CSS3 colour name -> BGR triple (:func:`utils.visual.draw.name_to_bgr`); ValueError for an unknown name."""
     return name_to_bgr(color)
 
 
@@ -262,11 +262,11 @@ def get_index_label(label: str, obj_list: Sequence[str]) -> int:
 def plot_one_box(img: np.ndarray, coord: Sequence[float], label: Optional[str] = None, score: Optional[float] = None,
                  color: Optional[Sequence[int]] = None, line_thickness: Optional[int] = None) -> None:
     """Draw one box ``coord = (x1, y1, x2, y2)`` (image pixels) on the BGR uint8 image ``img``, in place, with
-    :func:`utils.draw.draw_box`: the label reads ``"label: 87%"`` (``"label"`` when ``score`` is None).
+    :func:`utils.visual.draw.draw_box`: the label reads ``"label: 87%"`` (``"label"`` when ``score`` is None).
 
-    ``color`` is a BGR triple (default: the colour of class 0 in :mod:`utils.draw`); ``line_thickness`` defaults
-    to :func:`utils.draw.line_thickness` (about 0.2 % of the longer side). Box corners are rounded to pixels
-    (published: truncated) and the label is drawn in :mod:`utils.draw`'s style.
+    ``color`` is a BGR triple (default: the colour of class 0 in :mod:`utils.visual.draw`); ``line_thickness`` defaults
+    to :func:`utils.visual.draw.line_thickness` (about 0.2 % of the longer side). Box corners are rounded to pixels
+    (published: truncated) and the label is drawn in :mod:`utils.visual.draw`'s style.
     """
     if len(coord) != 4:
         raise ValueError(f"plot_one_box: coord must be (x1, y1, x2, y2), got {coord!r}")

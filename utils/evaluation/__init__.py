@@ -13,7 +13,7 @@ The steps::
     print(format_metrics(metrics, project.obj_list))
 
 or :func:`evaluate_detector` for all three. Classes: ``obj_list[i]`` is COCO ``category_id = i + 1``
-(SPEC §3). Boxes: :class:`utils.inference.Detections` hold ``(x1, y1, x2, y2)`` in original image
+(SPEC §3). Boxes: :class:`utils.inference.detector.Detections` hold ``(x1, y1, x2, y2)`` in original image
 pixels; COCO result records hold ``bbox = [x, y, w, h]`` (COCO xywh appears only here).
 
 pycocotools prints while it works; everything it prints is captured and sent to ``logging`` (debug),
@@ -38,14 +38,14 @@ annotations of images that ``images`` does not list (never evaluated): both are 
 Modules: :mod:`.records` (files in and out, validated), :mod:`.cocoeval` (COCOeval and its report),
 :mod:`.runner` (a Detector over a set), :mod:`.provenance` (results files and their record).
 """
-from utils.evaluation.cocoeval import STAT_NAMES, evaluate_coco, format_metrics, metrics_to_json
-from utils.evaluation.provenance import (PROVENANCE_FORMAT, PROVENANCE_SUFFIX, file_sha256, provenance_mismatch,
-                                         provenance_path, save_results)
+from utils.evaluation.cocoeval import STAT_NAMES, evaluate_coco, format_metrics, metrics_to_json, save_metrics_json
+from utils.evaluation.provenance import (PROVENANCE_FORMAT, PROVENANCE_SUFFIX, evaluation_provenance, file_sha256,
+                                         provenance_mismatch, provenance_path, save_results)
 from utils.evaluation.records import (BOX_DECIMALS, RESULT_KEYS, SCORE_DECIMALS, detections_to_coco,
                                       load_coco_annotations, load_results)
 from utils.evaluation.runner import evaluate_detector, run_detector_on_set
 
 __all__ = ["BOX_DECIMALS", "PROVENANCE_FORMAT", "PROVENANCE_SUFFIX", "RESULT_KEYS", "SCORE_DECIMALS", "STAT_NAMES",
-           "detections_to_coco", "evaluate_coco", "evaluate_detector", "file_sha256", "format_metrics",
-           "load_coco_annotations", "load_results", "metrics_to_json", "provenance_mismatch", "provenance_path",
-           "run_detector_on_set", "save_results"]
+           "detections_to_coco", "evaluate_coco", "evaluate_detector", "evaluation_provenance", "file_sha256",
+           "format_metrics", "load_coco_annotations", "load_results", "metrics_to_json", "provenance_mismatch",
+           "provenance_path", "run_detector_on_set", "save_metrics_json", "save_results"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 from pathlib import Path
@@ -268,3 +269,14 @@ def metrics_to_json(metrics: Mapping[str, Any]) -> Dict[str, Any]:
         return value
 
     return {str(k): clean(v) for k, v in metrics.items()}
+
+
+def save_metrics_json(path: Union[str, Path], metrics: Mapping[str, Any], **fields: Any) -> Path:
+    """Write :func:`metrics_to_json` of ``metrics`` plus ``fields`` (run facts: weights hash, thresholds, ...) to
+    ``path`` as indented JSON (its folder is created). Returns the path."""
+    report = metrics_to_json(metrics)
+    report.update(fields)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
+    return path

@@ -9,7 +9,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from efficientdet.coco import read_json
 
@@ -84,6 +84,32 @@ def save_results(results_file: PathLike, records: Sequence[Mapping[str, Any]],
     _write_atomically(data, results_file)
     _write_atomically(json.dumps(record, indent=2, sort_keys=True).encode("utf-8"), meta_file)
     return meta_file
+
+
+def evaluation_provenance(weights: PathLike, ann_file: PathLike, project: Any, compound_coef: int, input_size: int,
+                          **settings: Any) -> Dict[str, Any]:
+    """What determines the results of an evaluation run: the fields of its provenance record (JSON-ready).
+
+    Args:
+        weights, ann_file: the checkpoint and the annotation file (recorded by sha256).
+        project: the :class:`utils.config.project.ProjectConfig` (name, classes, anchors, mean/std recorded).
+        compound_coef, input_size: the model and its input side.
+        settings: every other option that shapes the detections (``coco_eval.py``: threshold,
+            nms_threshold, nms, max_images, mode, float16), recorded as given.
+    """
+    return {
+        "weights_sha256": file_sha256(weights),
+        "compound_coef": compound_coef,
+        "project_name": project.project_name,
+        "obj_list": list(project.obj_list),
+        "anchors_scales": list(project.anchors_scales),
+        "anchors_ratios": [list(r) for r in project.anchors_ratios],
+        "mean": list(project.mean),
+        "std": list(project.std),
+        "annotations_sha256": file_sha256(ann_file),
+        "input_size": input_size,
+        **settings,
+    }
 
 
 def _shown(value: Any) -> str:

@@ -12,8 +12,8 @@ import numpy as np
 
 from efficientdet.coco import read_coco_json, read_json
 
-if TYPE_CHECKING:  # utils.inference imports torch and the model; only its types are needed here
-    from utils.inference import Detections
+if TYPE_CHECKING:  # utils.inference.detector imports torch and the model; only its types are needed here
+    from utils.inference.detector import Detections
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A :class:`utils.inference.Detector` over a COCO-style image set: detections, and their COCO metrics."""
+"""A :class:`utils.inference.detector.Detector` over a COCO-style image set: detections, and their COCO metrics."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 from utils.evaluation.cocoeval import evaluate_coco
 from utils.evaluation.records import detections_to_coco, load_coco_annotations
 
-if TYPE_CHECKING:  # utils.inference imports torch and the model; only its types are needed here
-    from utils.inference import Detections, Detector
+if TYPE_CHECKING:  # utils.inference.detector imports torch and the model; only its types are needed here
+    from utils.inference.detector import Detections, Detector
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def run_detector_on_set(detector: "Detector", image_dir: PathLike, ann_file: Pat
 
     Args:
         detector: anything with ``detect(list of paths) -> list of Detections``
-            (:class:`utils.inference.Detector`).
+            (:class:`utils.inference.detector.Detector`).
         image_dir: folder of the images (``file_name`` of each ``images`` entry).
         ann_file: COCO instances JSON.
         batch_size: paths per ``detector.detect`` call.

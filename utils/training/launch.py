@@ -12,8 +12,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from utils.cli import run_script
-from utils.project import load_project
+from utils.config.cli import run_script
+from utils.config.project import load_project
 from utils.training.parts import Interrupted, StopRequest
 from utils.training.trainer import Trainer
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from utils.weights import read_checkpoint
+from utils.weights.loading import read_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.draw import draw_detections
-from utils.plot import plot_training_log
-from utils.postprocess import DEBUG_THRESHOLDS, postprocess
+from utils.visual.draw import draw_detections
+from utils.visual.plot import plot_training_log
+from utils.inference.postprocess import DEBUG_THRESHOLDS, postprocess
 
 DEBUG_DIR = Path("test")  # --debug images, as published
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.checkpoints import LEGACY_FORMAT, ResumePoint, find_resume_point, step_from_name
+from utils.weights.checkpoints import LEGACY_FORMAT, ResumePoint, find_resume_point, step_from_name
 from utils.training.parts import ModelEMA, warmup_cosine_lambda
-from utils.weights import extract_state_dict, read_checkpoint
+from utils.weights.loading import extract_state_dict, read_checkpoint
 
 # Settings a resumed run takes from its checkpoint unless given on the command line.
 RESUMED_DEFAULTS = {"lr": 1e-4, "optim": "adamw", "num_epochs": 500}

@@ -3,8 +3,8 @@ DistributedDataParallel group), from the command-line settings to the last check
 
 It wires together the project and model (:mod:`backbone`), the data
 (:func:`efficientdet.dataset.create_dataloaders`), the loss (:class:`utils.training.parts.ModelWithLoss`), the
-last-finite-state guard, checkpoints (:mod:`utils.checkpoints`, :mod:`utils.training.state`), validation (loss,
-optionally COCO mAP through the one :class:`utils.inference.Detector`) and the run's log
+last-finite-state guard, checkpoints (:mod:`utils.weights.checkpoints`, :mod:`utils.training.state`), validation (loss,
+optionally COCO mAP through the one :class:`utils.inference.detector.Detector`) and the run's log
 (:mod:`utils.training.reporting`). Stop signals are checked between batches in every phase; whatever stops a
 run saves a checkpoint first.
 """
@@ -24,18 +24,18 @@ from backbone import EfficientDetBackbone, build_model, check_input_size
 from efficientdet.config import get_model_config
 from efficientdet.dataset import DataBundle, annotation_path, create_dataloaders
 from efficientdet.loss import FocalLoss
-from utils.checkpoints import ResumePoint, best_name, checkpoint_name, save_checkpoint, save_weights
-from utils.device import select_device
+from utils.weights.checkpoints import ResumePoint, best_name, checkpoint_name, save_checkpoint, save_weights
+from utils.config.device import select_device
 from utils.evaluation import evaluate_detector
-from utils.inference import Detector
-from utils.postprocess import EVAL_THRESHOLDS
-from utils.project import ProjectConfig, load_project
+from utils.inference.detector import Detector
+from utils.inference.postprocess import EVAL_THRESHOLDS
+from utils.config.project import ProjectConfig, load_project
 from utils.training.parts import (FiniteGuard, Interrupted, ModelEMA, ModelWithLoss, ResumableSampler, StopRequest,
                                   distributed_context, freeze_backbone_and_bifpn, load_backbone_weights)
 from utils.training.reporting import DEBUG_DIR, RunLog, save_debug_image
 from utils.training.state import (build_optimizer, build_scheduler, initial_run_state, resolve_settings,
                                   resolve_weights, seed_everything, training_state)
-from utils.weights import load_weights, remove_stale_temp_files
+from utils.weights.loading import load_weights, remove_stale_temp_files
 
 MAX_BAD_STEPS = 10  # consecutive non-finite steps before the run stops
 

@@ -18,7 +18,7 @@ A bundle is a prefix ``P`` with
 - ``P.data-SSSSS-of-NNNNN``: shard ``SSSSS`` of ``NNNNN``, the raw little-endian tensor bytes.
 
 The masked crc32c of each tensor's bytes and of each table block is verified on reading
-(:mod:`utils.crc32c`).
+(:mod:`utils.weights.crc32c`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from utils.crc32c import crc32c, mask_crc
+from utils.weights.crc32c import crc32c, mask_crc
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ Used by ``efficientdet_test.py``, ``efficientdet_test_videos.py``, the evaluator
     for dets in detector.detect(["a.jpg", "b.jpg"]):
         print(dets.boxes, dets.class_names, dets.scores)
 
-Pre-processing is :func:`utils.preprocess.preprocess` (project mean/std, aspect-preserving fit),
-post-processing :func:`utils.postprocess.postprocess` (always float32, also under ``float16``), then the
+Pre-processing is :func:`utils.inference.preprocess.preprocess` (project mean/std, aspect-preserving fit),
+post-processing :func:`utils.inference.postprocess.postprocess` (always float32, also under ``float16``), then the
 boxes are mapped back to each original image and clipped to it.
 """
 from __future__ import annotations
@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 
 from backbone import EfficientDetBackbone, build_model
-from utils.device import select_device
-from utils.optimize import InferenceModel
-from utils.postprocess import DEMO_THRESHOLDS, Detections, postprocess
-from utils.preprocess import ImageInput, ImageMeta, SizeSpec, boxes_to_original, canvas_size, preprocess
-from utils.project import ProjectConfig, load_project
-from utils.soft_nms import official_postprocess
-from utils.weights import load_weights
+from utils.config.device import select_device
+from utils.inference.modes import InferenceModel
+from utils.inference.postprocess import DEMO_THRESHOLDS, Detections, Thresholds, postprocess
+from utils.inference.preprocess import ImageInput, ImageMeta, SizeSpec, boxes_to_original, canvas_size, preprocess
+from utils.config.project import ProjectConfig, load_project
+from utils.inference.soft_nms import official_postprocess
+from utils.weights.loading import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Detector:
         project: the project (class names, mean/std, anchors); its class count and anchors must match the model.
         input_size: canvas side (int) or (height, width); default ``model.config.input_size``; every side must be
             a multiple of ``model.config.max_stride`` (ValueError otherwise).
-        device: anything :func:`utils.device.select_device` accepts (default: CUDA when available, else CPU).
+        device: anything :func:`utils.config.device.select_device` accepts (default: CUDA when available, else CPU).
         float16: run the network in half precision (the same as adding ``+fp16`` to ``mode``). CUDA only: on
             another device it is a ValueError. Post-processing always runs in float32.
         threshold: default score threshold (keep score > threshold).
@@ -57,14 +57,14 @@ class Detector:
         clip_to_image: clip boxes to the original image after mapping them back (default True).
         nms: "hard" (default: score > threshold, batched NMS, as the published implementation) or
             "soft" (the official evaluation: top-5000 class-anchor scores, per-class gaussian soft-NMS,
-            at most 100 boxes; ``threshold``/``iou_threshold`` do not apply; see :mod:`utils.soft_nms`).
-        mode: inference mode of :class:`utils.optimize.InferenceModel`: "eager" (default, plain float32),
+            at most 100 boxes; ``threshold``/``iou_threshold`` do not apply; see :mod:`utils.inference.soft_nms`).
+        mode: inference mode of :class:`utils.inference.modes.InferenceModel`: "eager" (default, plain float32),
             "fused", "channels_last", "trace", "bf16", "fp16" joined with "+" (e.g. "fused+channels_last+trace"),
             or "fastest". Every float32 mode gives the same detections as "eager" (up to float round-off).
 
     Attributes:
         model: the detector as given, on ``device`` (converted in place unless the mode folds a copy).
-        runner: the :class:`utils.optimize.InferenceModel` that runs the forward pass.
+        runner: the :class:`utils.inference.modes.InferenceModel` that runs the forward pass.
     """
 
     def __init__(self, model: EfficientDetBackbone, project: ProjectConfig, input_size: Optional[SizeSpec] = None,
@@ -95,8 +95,8 @@ class Detector:
         self.dtype = self.runner.dtype
         self.model = model
         self.project = project
-        self.threshold = float(threshold)
-        self.iou_threshold = float(iou_threshold)
+        thresholds = Thresholds(float(threshold), float(iou_threshold))  # ValueError when out of range
+        self.threshold, self.iou_threshold = thresholds.score, thresholds.iou
         self.clip_to_image = clip_to_image
         self.nms = nms
 
@@ -120,7 +120,7 @@ class Detector:
         return self.project.obj_list
 
     def preprocess(self, images: ImageInput) -> Tuple[Tensor, List[ImageMeta], list]:
-        """:func:`utils.preprocess.preprocess` with this detector's input size and the project's mean/std."""
+        """:func:`utils.inference.preprocess.preprocess` with this detector's input size and the project's mean/std."""
         return preprocess(images, self.input_hw, mean=self.project.mean, std=self.project.std)
 
     def detect(self, images: ImageInput, threshold: Optional[float] = None,
@@ -169,7 +169,7 @@ class Detector:
 
 
 def _to_detections(result: Dict[str, Tensor], obj_list: Sequence[str]) -> Detections:
-    """A :func:`utils.soft_nms.official_postprocess` result as :class:`Detections`."""
+    """A :func:`utils.inference.soft_nms.official_postprocess` result as :class:`Detections`."""
     class_ids = result["class_ids"].cpu().numpy().astype(np.int64)
     return Detections(result["rois"].float().cpu().numpy(), class_ids, result["scores"].float().cpu().numpy(),
                       [obj_list[c] if 0 <= c < len(obj_list) else "" for c in class_ids.tolist()])

@@ -2,7 +2,7 @@
 
 Decode the regression against the anchors (:class:`efficientdet.anchors.BBoxTransform`), clip to the
 network input (:class:`efficientdet.anchors.ClipBoxes`), score = max over classes, keep anchors with
-score **>** threshold, class-aware NMS (:func:`utils.nms.batched_nms`, IoU **>** iou_threshold suppresses),
+score **>** threshold, class-aware NMS (:func:`utils.inference.nms.batched_nms`, IoU **>** iou_threshold suppresses),
 result ordered by descending score. Everything runs in float32, whatever the network's dtype.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from efficientdet.anchors import BBoxTransform, ClipBoxes
-from utils.nms import batched_nms
+from utils.inference.nms import batched_nms
 
 
 
@@ -25,6 +25,12 @@ class Thresholds:
 
     score: float
     iou: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score < 1.0:
+            raise ValueError(f"score threshold must be in [0, 1), got {self.score}")
+        if not 0.0 < self.iou <= 1.0:
+            raise ValueError(f"NMS IoU threshold must be in (0, 1], got {self.iou}")
 
 
 #: The named presets (the published values): the demo and video scripts, COCO evaluation (also
@@ -43,7 +49,7 @@ class Detections:
 
     Attributes:
         boxes: ``np.ndarray[K, 4]`` float32 ``(x1, y1, x2, y2)``: network-input pixels straight out of
-            :func:`postprocess`, ORIGINAL image pixels out of :class:`utils.inference.Detector`.
+            :func:`postprocess`, ORIGINAL image pixels out of :class:`utils.inference.detector.Detector`.
         class_ids: ``np.ndarray[K]`` int64, index into the project's ``obj_list``.
         scores: ``np.ndarray[K]`` float32, the class probability.
         class_names: ``obj_list[class_id]`` per detection (empty strings when unknown).

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from backbone import EfficientDetBackbone
-from utils.optimize import fold_batchnorm
+from utils.inference.modes import fold_batchnorm
 
 
 def test_fold_batchnorm_matches_eager(d0_model, d0_vectors):
@@ -30,8 +30,8 @@ import logging  # noqa: E402
 
 import pytest  # noqa: E402
 
-from utils.optimize import FASTEST, InferenceModel, mode_name, parse_mode  # noqa: E402
-from utils.postprocess import postprocess  # noqa: E402
+from utils.inference.modes import FASTEST, InferenceModel, mode_name, parse_mode  # noqa: E402
+from utils.inference.postprocess import postprocess  # noqa: E402
 
 FP32_MODES = ["fused", "channels_last", "trace", FASTEST]
 OUTPUT_ATOL = 1e-4
@@ -144,8 +144,8 @@ def test_bf16_within_documented_tolerance(d0_model, d0_vectors):
 
 
 def test_detector_mode_gives_eager_detections(d0_model, eager_outputs):
-    from utils.inference import Detector
-    from utils.project import load_project
+    from utils.inference.detector import Detector
+    from utils.config.project import load_project
 
     x, _, _, _, threshold, expected = eager_outputs
     project = load_project("coco")
@@ -167,7 +167,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from efficientnet.utils import Conv2dStaticSamePadding  # noqa: E402
 from efficientnet.utils import InferenceConv2d  # noqa: E402
-from utils.optimize import TRACE_CACHE_SIZE, bf16_supported, specialize_for_inference  # noqa: E402
+from utils.inference.modes import TRACE_CACHE_SIZE, bf16_supported, specialize_for_inference  # noqa: E402
 
 
 @pytest.mark.parametrize("fuse_onednn", [True, False])

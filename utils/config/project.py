@@ -29,7 +29,7 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-PROJECTS_DIR = Path(__file__).resolve().parent.parent / "projects"
+PROJECTS_DIR = Path(__file__).resolve().parents[2] / "projects"
 
 _BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
                ast.Div: operator.truediv, ast.Pow: operator.pow}

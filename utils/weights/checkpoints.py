@@ -13,7 +13,7 @@ A run folder (``{saved_path}/{project_name}/``) holds:
 - ``efficientdet-d{c}_last.json``: the pair written last. It is replaced after both files, so a run
   killed while saving resumes from the previous complete pair.
 
-Every file is written atomically (:func:`utils.weights.atomic_write`) and none with a non-finite
+Every file is written atomically (:func:`utils.weights.loading.atomic_write`) and none with a non-finite
 tensor. Checkpoints of the previous format (one dict with ``"format": "efficientdet-pytorch/1"``)
 still load and resume.
 """
@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from torch import Tensor
 
-from utils.weights import atomic_save, atomic_write, first_non_finite, read_checkpoint, serialize
+from utils.weights.loading import atomic_save, atomic_write, first_non_finite, read_checkpoint, serialize
 
 logger = logging.getLogger(__name__)
 

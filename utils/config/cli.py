@@ -53,23 +53,24 @@ def add_model_args(parser: argparse.ArgumentParser, weights_help: str = DEFAULT_
     parser.add_argument(*weights_flags, default=None, help=weights_help)
 
 
-def add_threshold_args(parser: argparse.ArgumentParser, preset: Any) -> None:
-    """``--threshold`` (keep score > it) and ``--iou_threshold`` (NMS: suppress IoU > it), defaulting to
-    ``preset.score`` / ``preset.iou`` (a :class:`utils.postprocess.Thresholds`)."""
+def add_threshold_args(parser: argparse.ArgumentParser, preset: Any, iou_flag: str = "--iou_threshold") -> None:
+    """``--threshold`` (keep score > it) and ``--iou_threshold`` (NMS: suppress IoU > it; ``coco_eval.py``:
+    the published ``--nms_threshold``), defaulting to ``preset.score`` / ``preset.iou`` (a
+    :class:`utils.inference.postprocess.Thresholds`, which checks their ranges)."""
     parser.add_argument("--threshold", type=float, default=preset.score,
                         help="score threshold (keep score > it; default %(default)s)")
-    parser.add_argument("--iou_threshold", type=float, default=preset.iou,
+    parser.add_argument(iou_flag, type=float, default=preset.iou,
                         help="NMS IoU threshold (suppress IoU > it; default %(default)s)")
 
 
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
-    """The options of the shared inference path (:class:`utils.inference.Detector`) that every detecting
+    """The options of the shared inference path (:class:`utils.inference.detector.Detector`) that every detecting
     script takes: ``--device``, ``--float16``, ``--mode``, ``--input_size``."""
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or N (default: CUDA when available)")
     add_bool_arg(parser, "--float16", help="half-precision network (CUDA only)")
     parser.add_argument("--mode", default="eager",
                         help="inference mode: eager (default), fused, channels_last, trace, bf16, fp16 joined with + "
-                             "(e.g. fused+channels_last+trace), or fastest; see utils/optimize.py")
+                             "(e.g. fused+channels_last+trace), or fastest; see utils/inference/modes.py")
     parser.add_argument("--input_size", type=int, default=None,
                         help="square network input side, a multiple of the model's largest stride "
                              "(default: the model's, e.g. 512 for D0)")

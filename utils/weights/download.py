@@ -30,7 +30,7 @@ WEIGHT_URLS: Dict[int, str] = {
     7: f"{RELEASES}/1.2/efficientdet-d7.pth",
     8: f"{RELEASES}/1.2/efficientdet-d8.pth",
 }
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 CHUNK_BYTES = 1 << 20
 
 

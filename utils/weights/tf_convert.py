@@ -1,5 +1,5 @@
 """The official (google/automl) EfficientDet TensorFlow variables mapped onto our state_dict (SPEC §9),
-beside the checkpoint reader (:mod:`utils.tf_checkpoint`); ``convert_official.py`` is the command line.
+beside the checkpoint reader (:mod:`utils.weights.tf_checkpoint`); ``convert_official.py`` is the command line.
 
 The released numbers use the ``NAME/ExponentialMovingAverage`` shadows; each variable is taken from
 its shadow where the bundle has one and from the raw variable otherwise (BN moving statistics are not
@@ -32,7 +32,7 @@ import torch
 from backbone import EfficientDetBackbone
 from efficientdet.anchors import OFFICIAL_RATIOS
 from efficientdet.config import MODEL_CONFIGS, ModelConfig, get_model_config
-from utils.tf_checkpoint import TFCheckpointReader
+from utils.weights.tf_checkpoint import TFCheckpointReader
 
 logger = logging.getLogger(__name__)
 
