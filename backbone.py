@@ -39,8 +39,9 @@ def check_images(images: Tensor, config: ModelConfig) -> None:
     check_input_size(config, int(images.shape[2]), int(images.shape[3]))
 
 
-class EfficientDetBackbone(nn.Module):
-    """EfficientDet D0–D7x (``compound_coef`` 0…8, 8 = D7x).
+class EfficientDet(nn.Module):
+    """EfficientDet D0–D7x (``compound_coef`` 0…8, 8 = D7x): the whole detector. Published name:
+    ``EfficientDetBackbone`` (an alias of this class).
 
     Args:
         num_classes: number of object classes (90 for the COCO checkpoints).
@@ -108,7 +109,7 @@ class EfficientDetBackbone(nn.Module):
         return features, regression, classification, anchors
 
     @torch.no_grad()
-    def fold_batchnorm(self) -> "EfficientDetBackbone":
+    def fold_batchnorm(self) -> "EfficientDet":
         """A copy (eval mode) with every BatchNorm folded into the convolution before it: backbone convs,
         BiFPN node and down-channel convs, and the heads' per-level BNs (each level gets its own folded copy
         of the shared convs, :class:`efficientdet.model.FoldedHead`). Same outputs; for inference only."""
@@ -140,10 +141,10 @@ class EfficientDetBackbone(nn.Module):
 
 
 class FusedEfficientDet(nn.Module):
-    """The inference form of an :class:`EfficientDetBackbone` (:meth:`EfficientDetBackbone.fuse`): the same
+    """The inference form of an :class:`EfficientDet` (:meth:`EfficientDet.fuse`): the same
     ``forward`` contract, ``(features, regression, classification, anchors)``; not trainable, not a checkpoint."""
 
-    def __init__(self, model: EfficientDetBackbone, heads: InferenceHeads) -> None:
+    def __init__(self, model: EfficientDet, heads: InferenceHeads) -> None:
         super().__init__()
         self.config = model.config
         self.compound_coef = model.compound_coef
@@ -154,22 +155,27 @@ class FusedEfficientDet(nn.Module):
         self.anchors = model.anchors
 
     def check_input_size(self, height: int, width: int) -> None:
-        """See :meth:`EfficientDetBackbone.check_input_size`."""
+        """See :meth:`EfficientDet.check_input_size`."""
         check_input_size(self.config, height, width)
 
     def forward(self, inputs: Tensor, logits: bool = False) -> Tuple[Tuple[Tensor, ...], Tensor, Tensor, Tensor]:
         if logits:
             raise ValueError("the fused detector's classifier ends in a fused sigmoid: train or compute the "
-                             "loss with the EfficientDetBackbone it was made from")
+                             "loss with the EfficientDet it was made from")
         check_images(inputs, self.config)
         features = self.bifpn(self.backbone_net(inputs))
         regression, classification = self.heads(features)
         return features, regression, classification, self.anchors(inputs)
 
 
-def build_model(compound_coef: int, project) -> EfficientDetBackbone:
+def build_model(compound_coef: int, project) -> EfficientDet:
     """The detector for a project (a :class:`utils.config.project.ProjectConfig`): its class count, anchor
     scales and ratios, and its ``pool_padding`` key ("published" unless the YAML says "official")."""
-    return EfficientDetBackbone(num_classes=project.num_classes, compound_coef=compound_coef,
-                                ratios=project.anchors_ratios, scales=project.anchors_scales,
-                                pool_padding=getattr(project, "pool_padding", "published"))
+    return EfficientDet(num_classes=project.num_classes, compound_coef=compound_coef,
+                        ratios=project.anchors_ratios, scales=project.anchors_scales,
+                        pool_padding=getattr(project, "pool_padding", "published"))
+
+
+#: The published name (``from backbone import EfficientDetBackbone``): the same class, the whole detector
+#: (backbone, BiFPN, heads, anchors), whose ``backbone_net`` is the EfficientNet backbone.
+EfficientDetBackbone = EfficientDet

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from backbone import build_model  # noqa: E402
 from efficientdet.config import get_model_config  # noqa: E402
 from efficientdet.dataset import CocoDataset, create_dataloaders, verify_images  # noqa: E402
-from efficientdet.loss import FocalLoss  # noqa: E402
+from efficientdet.loss import DetectionLoss  # noqa: E402
 from utils.training.parts import ModelWithLoss  # noqa: E402
 from utils.config.cli import add_bool_arg, run_script  # noqa: E402
 from utils.config.project import load_project  # noqa: E402
@@ -83,7 +83,7 @@ def time_train_steps(args: argparse.Namespace, project: Any, loader: torch.utils
     torch.manual_seed(0)
     torch.set_flush_denormal(True)  # as train.py: denormal floats make CPU steps erratic
     model = build_model(args.compound_coef, project).train()
-    net = ModelWithLoss(model, FocalLoss("yaep", from_logits=True))
+    net = ModelWithLoss(model, DetectionLoss("yaep", from_logits=True))
     optimizer = torch.optim.AdamW(model.parameters(), 1e-4)
     times: List[float] = []
     batches = iter(loader)

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from backbone import EfficientDetBackbone
+from backbone import EfficientDet
 from utils.inference.modes import InferenceModel, bf16_supported, mode_name, parse_mode
 from utils.inference.postprocess import Detections, postprocess
 from utils.weights.loading import load_weights
@@ -88,7 +88,7 @@ CALIBRATED_LOGIT_STD = 4.0
 
 
 @torch.no_grad()
-def calibrate_class_bias(model: EfficientDetBackbone, images: torch.Tensor, threshold: float, candidates: int) -> None:
+def calibrate_class_bias(model: EfficientDet, images: torch.Tensor, threshold: float, candidates: int) -> None:
     """Emulate a confident model: spread the class logits of ``images`` to a standard deviation of
     :data:`CALIBRATED_LOGIT_STD` (random weights give logits bunched within a fraction of a unit, which bf16
     rounding would push across the threshold by the thousand), then shift the class output bias so that about
@@ -114,7 +114,7 @@ def same_detections(a: Detections, b: Detections, box_atol: float = 1e-3) -> boo
             and bool(np.all(np.abs(a.boxes - b.boxes) <= box_atol)))
 
 
-def _runner_for(mode: str, base: EfficientDetBackbone, device: torch.device,
+def _runner_for(mode: str, base: EfficientDet, device: torch.device,
                 onnx_path: Optional[str], threads: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]:
     """images -> (regression, classification, anchors float32) for a mode (``onnx``: ONNX Runtime)."""
     if mode == "onnx":
@@ -142,7 +142,7 @@ def _onnx_session(path: Optional[str], threads: int):
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def benchmark(base: EfficientDetBackbone, modes: Sequence[str], batch_size: int, size: int, device: torch.device,
+def benchmark(base: EfficientDet, modes: Sequence[str], batch_size: int, size: int, device: torch.device,
               runs: int, threshold: float, iou_threshold: float, seed: int, threads: int,
               onnx_path: Optional[str] = None, rounds: int = DEFAULT_ROUNDS) -> List[Result]:
     """Time every mode on the same (batch_size, 3, size, size) tensor; the first mode is the reference.
@@ -215,7 +215,7 @@ def select_modes(requested: Optional[Sequence[str]], device: torch.device) -> Li
     return ["eager"] + [m for m in dict.fromkeys(modes) if m != "eager"]
 
 
-def set_weights(base: EfficientDetBackbone, weights: Optional[str], size: int, device: torch.device, seed: int,
+def set_weights(base: EfficientDet, weights: Optional[str], size: int, device: torch.device, seed: int,
                 threshold: float, candidates: int) -> str:
     """Load ``weights`` into ``base``, or calibrate its random class bias (:func:`calibrate_class_bias`);
     returns where the weights came from."""
@@ -227,7 +227,7 @@ def set_weights(base: EfficientDetBackbone, weights: Optional[str], size: int, d
     return f"random weights (seed {seed}), class bias set for ~{candidates} candidates"
 
 
-def export_onnx_model(base: EfficientDetBackbone, onnx: bool, size: int,
+def export_onnx_model(base: EfficientDet, onnx: bool, size: int,
                        device: torch.device) -> Tuple[Optional[tempfile.TemporaryDirectory], Optional[str]]:
     """With ``--onnx``, ``base`` exported to a temporary folder: (folder, model path); else (None, None)."""
     if not onnx:

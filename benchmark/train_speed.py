@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backbone import EfficientDetBackbone  # noqa: E402
-from efficientdet.loss import FocalLoss  # noqa: E402
+from backbone import EfficientDet  # noqa: E402
+from efficientdet.loss import DetectionLoss  # noqa: E402
 from efficientnet.utils import Conv2dStaticSamePadding  # noqa: E402
 from utils.training.parts import ModelWithLoss  # noqa: E402
 from utils.config.cli import add_bool_arg, keep_freed_memory  # noqa: E402
@@ -61,10 +61,10 @@ def pad_everything(model: torch.nn.Module) -> None:
 def time_variant(args: argparse.Namespace, published_padding: bool, flush_denormal: bool) -> float:
     torch.manual_seed(0)
     torch.set_flush_denormal(flush_denormal)
-    model = EfficientDetBackbone(num_classes=2, compound_coef=args.compound_coef).train()
+    model = EfficientDet(num_classes=2, compound_coef=args.compound_coef).train()
     if published_padding:
         pad_everything(model)
-    net = ModelWithLoss(model, FocalLoss("yaep", from_logits=True))
+    net = ModelWithLoss(model, DetectionLoss("yaep", from_logits=True))
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
     size = args.input_size
     images = torch.randn(args.batch_size, 3, size, size)

@@ -1,6 +1,6 @@
 """Detection loss: sigmoid focal loss plus a box regression loss (SPEC §5).
 
-Two formulations, selected by ``FocalLoss(formulation=...)``:
+Two formulations, selected by ``DetectionLoss(formulation=...)``:
 
 ``"yaep"`` (default) — the published PyTorch implementation whose checkpoints this project loads:
 
@@ -140,13 +140,13 @@ def match_anchors(anchors: Tensor, annotations: Tensor, settings: LossSettings) 
     return matched, positive, negative
 
 
-class FocalLoss(nn.Module):
+class DetectionLoss(nn.Module):
     """Focal classification loss and box regression loss of EfficientDet (module docstring: the rules).
 
     Args:
         formulation: "yaep" (the published PyTorch loss; default) or "official" (TensorFlow reference).
         from_logits: whether ``classification`` holds pre-sigmoid logits (``model(images, logits=True)``)
-            instead of the sigmoid probabilities ``EfficientDetBackbone.forward`` returns. "yaep" applies a
+            instead of the sigmoid probabilities ``EfficientDet.forward`` returns. "yaep" applies a
             sigmoid to logits (identical to the published loss). "official" is defined on logits: pass
             logits for the faithful loss; probabilities are converted with
             ``logit(p.clamp(1e-6, 1 − 1e-6))``, exact only where the probabilities are not saturated.
@@ -164,7 +164,8 @@ class FocalLoss(nn.Module):
     Returns ``(cls_loss, reg_loss)``, 0-dim float32 tensors; ``reg_loss`` already includes
     ``box_loss_weight`` (the total training loss is ``cls_loss + reg_loss``).
 
-    The published call ``FocalLoss()(classifications, regressions, anchors, annotations, imgs=imgs,
+    The published name ``FocalLoss`` is this class (it returns the box loss too). The published call
+    ``FocalLoss()(classifications, regressions, anchors, annotations, imgs=imgs,
     obj_list=obj_list)`` works too: ``imgs`` and ``obj_list`` (the published debug drawing) are accepted and
     ignored, since the loss does not draw (``train.py --debug`` draws instead). The published loss returned
     ``Tensor[1]`` values; these 0-dim ones take the same ``.mean()``, ``.item()``, sums and ``.backward()``.
@@ -291,3 +292,7 @@ class FocalLoss(nn.Module):
         mask = positive[..., None] & (box_targets != 0.0)
         box_loss = torch.where(mask, huber, 0.0).sum() / (4.0 * normalizer)
         return cls_loss, box_loss
+
+
+#: The published name (``from efficientdet.loss import FocalLoss``): the same class, which returns both losses.
+FocalLoss = DetectionLoss

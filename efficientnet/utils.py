@@ -92,7 +92,7 @@ class MaxPool2dStaticSamePadding(nn.Module):
 
     - ``0.0`` (default): zeros, as the published PyTorch checkpoints were trained and evaluated.
     - ``float("-inf")``: the padded cells never win, as TensorFlow's max-pool (the official
-      checkpoints, see ``EfficientDetBackbone(pool_padding="official")``).
+      checkpoints, see ``EfficientDet(pool_padding="official")``).
     """
 
     def __init__(self, kernel_size: IntPair, stride: IntPair, pad_value: float = 0.0) -> None:

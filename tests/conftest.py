@@ -80,9 +80,9 @@ def d0_vectors(conformance_dir):
 @pytest.fixture(scope="session")
 def d0_model(d0_weights):
     """D0 (90 classes) with the conformance weights, in eval mode. Do not modify it in a test."""
-    from backbone import EfficientDetBackbone
+    from backbone import EfficientDet
 
-    model = EfficientDetBackbone(num_classes=90, compound_coef=0).eval()
+    model = EfficientDet(num_classes=90, compound_coef=0).eval()
     model.load_state_dict(d0_weights, strict=True)
     return model
 

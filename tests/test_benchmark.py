@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from backbone import EfficientDetBackbone
+from backbone import EfficientDet
 from benchmark import benchmark, speed
 from utils.inference.postprocess import Detections
 
@@ -47,7 +47,7 @@ def test_each_round_warms_up_then_times_consecutive_runs_per_mode(monkeypatch):
 
     monkeypatch.setattr(speed, "_runner_for", recording_runner_for)
     torch.manual_seed(0)
-    model = EfficientDetBackbone(num_classes=90, compound_coef=0).eval()
+    model = EfficientDet(num_classes=90, compound_coef=0).eval()
     results = speed.benchmark(model, ["eager", "fused"], 1, 128, torch.device("cpu"), runs=3, threshold=0.2,
                                   iou_threshold=0.2, seed=0, threads=2, rounds=2)
     # Setup runs (one per mode), then per round and mode: warm-up + 3 timed runs.
@@ -58,7 +58,7 @@ def test_each_round_warms_up_then_times_consecutive_runs_per_mode(monkeypatch):
 
 def test_calibrated_bias_gives_the_requested_candidates():
     torch.manual_seed(0)
-    model = EfficientDetBackbone(num_classes=90, compound_coef=0).eval()
+    model = EfficientDet(num_classes=90, compound_coef=0).eval()
     images = torch.randn(1, 3, 128, 128)
     speed.calibrate_class_bias(model, images, threshold=0.2, candidates=7)
     with torch.no_grad():

@@ -14,7 +14,7 @@ pytest.importorskip("utils.inference.detector")  # the shared inference path (ut
 import torch  # noqa: E402
 
 import coco_eval  # noqa: E402
-from backbone import EfficientDetBackbone  # noqa: E402
+from backbone import EfficientDet  # noqa: E402
 from utils.config.device import resolve_published_device  # noqa: E402
 from utils.evaluation import STAT_NAMES, evaluation_provenance, provenance_path, save_results  # noqa: E402
 from utils.config.project import load_project  # noqa: E402
@@ -32,7 +32,7 @@ def make_checkpoint(path: Path, num_classes: int = 2) -> Path:
     their last class-head BN, P7's are a constant, and the output layer turns that constant into
     logits between -2 and 2 (per anchor and class), leaving -10 at the other levels."""
     torch.manual_seed(0)
-    model = EfficientDetBackbone(num_classes=num_classes, compound_coef=0)
+    model = EfficientDet(num_classes=num_classes, compound_coef=0)
     state = model.state_dict()
     last = model.config.head_repeats - 1
     for level in range(5):

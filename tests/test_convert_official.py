@@ -63,9 +63,9 @@ def _expected(vectors: Dict[str, np.ndarray], num_classes: int = 90) -> Tuple[np
 
 
 def _run(state_dict: Dict[str, torch.Tensor], images: np.ndarray, pool_padding: str = "official"):
-    from backbone import EfficientDetBackbone
+    from backbone import EfficientDet
 
-    model = EfficientDetBackbone(90, 0, ratios=OFFICIAL_RATIOS, pool_padding=pool_padding).eval()
+    model = EfficientDet(90, 0, ratios=OFFICIAL_RATIOS, pool_padding=pool_padding).eval()
     model.load_state_dict(state_dict, strict=True)
     with torch.no_grad():
         _, regression, classification, _ = model(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import export
-from backbone import EfficientDetBackbone
+from backbone import EfficientDet
 from efficientdet.anchors import BBoxTransform, ClipBoxes
 from utils.inference.onnx_export import export_onnx
 
@@ -32,7 +32,7 @@ def onnxruntime():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return EfficientDetBackbone(num_classes=90, compound_coef=0).eval()
+    return EfficientDet(num_classes=90, compound_coef=0).eval()
 
 
 def _run(ort, path, images: torch.Tensor):

@@ -12,7 +12,7 @@ import torch
 
 import efficientdet_test
 import efficientdet_test_videos
-from backbone import EfficientDetBackbone
+from backbone import EfficientDet
 from utils.inference import nms as nms_module
 from utils.inference.detector import Detector
 from efficientdet.transforms import resized_shape
@@ -33,13 +33,13 @@ SIZE = 128  # D0's smallest input: 341 positions per anchor type
 PROJECT_YAML = project_yaml("tiny", OBJ_LIST)
 
 
-def crafted_model(num_classes: int = 3) -> EfficientDetBackbone:
+def crafted_model(num_classes: int = 3) -> EfficientDet:
     """Regression 0 everywhere (boxes = anchors); probability sigmoid(2) for "car" on anchor type 0
     (scale 1, ratio 1:1) of every position, sigmoid(-6) for everything else.
 
     All conv kernels are zero, so the outputs are exactly these constants whatever the image."""
     torch.manual_seed(0)
-    model = EfficientDetBackbone(num_classes=num_classes, compound_coef=0).eval()
+    model = EfficientDet(num_classes=num_classes, compound_coef=0).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() == 4:
@@ -120,9 +120,9 @@ def test_detector_rejects_bad_settings(assets, d0_weights):
     with pytest.raises(ValueError, match="float16.*CUDA"):
         Detector(model, project, input_size=SIZE, device="cpu", float16=True)
     with pytest.raises(ValueError, match="90 classes"):
-        Detector(EfficientDetBackbone(num_classes=90), project)
+        Detector(EfficientDet(num_classes=90), project)
     with pytest.raises(ValueError, match="anchors"):
-        Detector(EfficientDetBackbone(num_classes=3, scales=(1.0, 2.0)), project)
+        Detector(EfficientDet(num_classes=3, scales=(1.0, 2.0)), project)
     with pytest.raises(ValueError, match="90 classes"):
         Detector.from_checkpoint(0, d0_weights, project)
     detector = Detector.from_checkpoint(0, assets["weights"], assets["project"], input_size=(128, 256), device="cpu")
@@ -188,7 +188,7 @@ def test_script_bad_input_is_one_line(assets, capsys, case, tmp_path):
         args += ["-c", "1"]  # a D0 checkpoint for D1
         needle = "D0"
     elif case == "other_classes":
-        torch.save(EfficientDetBackbone(num_classes=5).state_dict(), tmp_path / "five.pth")
+        torch.save(EfficientDet(num_classes=5).state_dict(), tmp_path / "five.pth")
         args[1] = tmp_path / "five.pth"
         needle = "5 classes"
     elif case == "bad_size":

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from efficientdet.anchors import Anchors
-from efficientdet.loss import FORMULATIONS, FocalLoss, box_iou, match_anchors
+from efficientdet.loss import FORMULATIONS, DetectionLoss, box_iou, match_anchors
 
 # Tiny case: 4 anchors (y1, x1, y2, x2) and one box (x1, y1, x2, y2, class) = x 1..11, y 0..10, class 1.
 #   IoU(A0) = 90 / 110 = 0.818 (positive), IoU(A1) = 100 / 220 = 0.4545 (yaep: ignored; official: negative),
@@ -165,7 +165,7 @@ def reference_official(logits: Tensor, regressions: Tensor, anchors: Tensor, ann
 
 
 def test_yaep_tiny_case_by_hand():
-    cls_loss, reg_loss = FocalLoss("yaep")(TINY_PROBS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
+    cls_loss, reg_loss = DetectionLoss("yaep")(TINY_PROBS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
     # A0 positive for class 1; A1 ignored (IoU 0.4545); A2, A3 negative; A3's 0 and 1 are clamped.
     expected_cls = (_yaep_focal(0.1, 0) + _yaep_focal(0.8, 1) + _yaep_focal(0.2, 0) + _yaep_focal(0.5, 0)
                     + _yaep_focal(0.0, 0) + _yaep_focal(1.0, 0)) / 1.0
@@ -181,8 +181,8 @@ def test_yaep_tiny_case_by_hand():
 
 def test_yaep_accepts_logits_like_probabilities():
     probs = torch.sigmoid(TINY_LOGITS)
-    from_probs = FocalLoss("yaep")(probs, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
-    from_logits = FocalLoss("yaep", from_logits=True)(TINY_LOGITS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
+    from_probs = DetectionLoss("yaep")(probs, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
+    from_logits = DetectionLoss("yaep", from_logits=True)(TINY_LOGITS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
     expected = (_yaep_focal(_sigmoid(-2.0), 0) + _yaep_focal(_sigmoid(1.0), 1) + _yaep_focal(0.5, 0)
                 + _yaep_focal(_sigmoid(3.0), 0) + 2 * _yaep_focal(_sigmoid(-4.0), 0))
     assert from_logits[0].item() == pytest.approx(expected, rel=1e-5)
@@ -190,7 +190,7 @@ def test_yaep_accepts_logits_like_probabilities():
 
 
 def test_official_tiny_case_by_hand():
-    loss = FocalLoss("official", from_logits=True)
+    loss = DetectionLoss("official", from_logits=True)
     cls_loss, reg_loss = loss(TINY_LOGITS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
     # A0 positive for class 1; A1 (IoU 0.4545 < 0.5) is a negative here. One positive: normaliser 2.
     expected_cls = (_official_focal(-2.0, 0) + _official_focal(1.0, 1) + _official_focal(0.5, 0)
@@ -204,7 +204,7 @@ def test_official_tiny_case_by_hand():
 
 
 def test_official_label_smoothing_changes_only_the_cross_entropy_target():
-    loss = FocalLoss("official", from_logits=True, label_smoothing=0.1)
+    loss = DetectionLoss("official", from_logits=True, label_smoothing=0.1)
     cls_loss, reg_loss = loss(TINY_LOGITS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
     terms = [(-2.0, 0), (1.0, 1), (0.5, 0), (-1.0, 0), (0.0, 0), (3.0, 0), (-4.0, 0), (-4.0, 0)]
     expected = sum(_official_focal(x, t, smoothing=0.1) for x, t in terms) / 2.0
@@ -216,15 +216,15 @@ def test_official_label_smoothing_changes_only_the_cross_entropy_target():
 
 def test_official_from_probabilities_converts_to_logits():
     probs = torch.sigmoid(TINY_LOGITS)
-    a = FocalLoss("official")(probs, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
-    b = FocalLoss("official", from_logits=True)(TINY_LOGITS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
+    a = DetectionLoss("official")(probs, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
+    b = DetectionLoss("official", from_logits=True)(TINY_LOGITS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
     assert a[0].item() == pytest.approx(b[0].item(), rel=1e-4)
     assert a[1].item() == pytest.approx(b[1].item(), rel=1e-6)
 
 
 def test_box_loss_weight_scales_only_the_box_loss():
-    base = FocalLoss("yaep")(TINY_PROBS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
-    unweighted = FocalLoss("yaep", box_loss_weight=1.0)(TINY_PROBS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
+    base = DetectionLoss("yaep")(TINY_PROBS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
+    unweighted = DetectionLoss("yaep", box_loss_weight=1.0)(TINY_PROBS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
     assert unweighted[0].item() == pytest.approx(base[0].item())
     assert unweighted[1].item() == pytest.approx(base[1].item() / 50, rel=1e-6)
 
@@ -237,12 +237,12 @@ def test_box_loss_weight_scales_only_the_box_loss():
                                          torch.tensor([[[1., 0., 11., 10., -1.]]])],
                          ids=["padding-rows", "no-rows", "class-minus-one-with-coordinates"])
 def test_image_without_boxes_gives_only_the_negative_term(annotations):
-    cls_loss, reg_loss = FocalLoss("yaep")(TINY_PROBS, TINY_REGRESSION, TINY_ANCHORS, annotations)
+    cls_loss, reg_loss = DetectionLoss("yaep")(TINY_PROBS, TINY_REGRESSION, TINY_ANCHORS, annotations)
     expected = sum(_yaep_focal(p, 0) for p in (0.1, 0.8, 0.3, 0.6, 0.2, 0.5, 0.0, 1.0))
     assert cls_loss.item() == pytest.approx(expected, rel=1e-5)
     assert reg_loss.item() == 0.0
-    cls_loss, reg_loss = FocalLoss("official", from_logits=True)(TINY_LOGITS, TINY_REGRESSION, TINY_ANCHORS,
-                                                                 annotations)
+    cls_loss, reg_loss = DetectionLoss("official", from_logits=True)(TINY_LOGITS, TINY_REGRESSION, TINY_ANCHORS,
+                                                                     annotations)
     expected = sum(_official_focal(x, 0) for x in (-2.0, 1.0, 0.5, -1.0, 0.0, 3.0, -4.0, -4.0)) / 1.0
     assert cls_loss.item() == pytest.approx(expected, rel=1e-5)
     assert reg_loss.item() == 0.0
@@ -252,7 +252,7 @@ def test_batch_mixing_image_with_and_without_boxes():
     probs = torch.cat([TINY_PROBS, TINY_PROBS.flip(1)])
     regression = torch.cat([TINY_REGRESSION, TINY_REGRESSION])
     annotations = torch.cat([TINY_BOX, torch.full((1, 1, 5), -1.0)])
-    cls_loss, reg_loss = FocalLoss("yaep")(probs, regression, TINY_ANCHORS, annotations)
+    cls_loss, reg_loss = DetectionLoss("yaep")(probs, regression, TINY_ANCHORS, annotations)
     with_box = (_yaep_focal(0.1, 0) + _yaep_focal(0.8, 1) + _yaep_focal(0.2, 0) + _yaep_focal(0.5, 0)
                 + _yaep_focal(0.0, 0) + _yaep_focal(1.0, 0))
     without = sum(_yaep_focal(p, 0) for p in (0.1, 0.8, 0.3, 0.6, 0.2, 0.5, 0.0, 1.0))
@@ -266,7 +266,7 @@ def test_official_normalises_by_batch_positives():
     logits = torch.cat([TINY_LOGITS, TINY_LOGITS])
     regression = torch.cat([TINY_REGRESSION, TINY_REGRESSION])
     annotations = torch.cat([TINY_BOX, torch.full((1, 1, 5), -1.0)])
-    cls_loss, reg_loss = FocalLoss("official", from_logits=True)(logits, regression, TINY_ANCHORS, annotations)
+    cls_loss, reg_loss = DetectionLoss("official", from_logits=True)(logits, regression, TINY_ANCHORS, annotations)
     with_box = (_official_focal(-2.0, 0) + _official_focal(1.0, 1) + _official_focal(0.5, 0)
                 + _official_focal(-1.0, 0) + _official_focal(0.0, 0) + _official_focal(3.0, 0)
                 + 2 * _official_focal(-4.0, 0))
@@ -276,7 +276,7 @@ def test_official_normalises_by_batch_positives():
 
 
 def test_yaep_ignored_anchor_contributes_nothing():
-    loss = FocalLoss("yaep")
+    loss = DetectionLoss("yaep")
     base = loss(TINY_PROBS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX)
     changed = TINY_PROBS.clone()
     changed[0, 1] = torch.tensor([0.99, 0.01])  # A1: IoU 0.4545, between the thresholds
@@ -305,14 +305,14 @@ def test_forced_match_when_best_iou_below_threshold():
 
     logits = torch.tensor([[[1.0], [-1.0], [2.0]]])
     regression = torch.zeros(1, 3, 4)
-    cls_loss, reg_loss = FocalLoss("official", from_logits=True)(logits, regression, anchors, annotations)
+    cls_loss, reg_loss = DetectionLoss("official", from_logits=True)(logits, regression, anchors, annotations)
     expected_cls = (_official_focal(1.0, 0) + _official_focal(-1.0, 1) + _official_focal(2.0, 0)) / 2.0
     assert cls_loss.item() == pytest.approx(expected_cls, rel=1e-5)
     # A1 targets: dy = (12.5 - 30) / 60, dx = 0, dh = log(25 / 60), dw = 0 (masked: exactly 0).
     dy, dh = (12.5 - 30.0) / 60.0, math.log(25.0 / 60.0)
     assert reg_loss.item() == pytest.approx(50 * (_huber(dy) + _huber(dh)) / (4 * 2.0), rel=1e-5)
     # yaep: no positive anchor -> box loss 0, classification over the one negative anchor only.
-    cls_loss, reg_loss = FocalLoss("yaep", from_logits=True)(logits, regression, anchors, annotations)
+    cls_loss, reg_loss = DetectionLoss("yaep", from_logits=True)(logits, regression, anchors, annotations)
     assert cls_loss.item() == pytest.approx(_yaep_focal(_sigmoid(2.0), 0), rel=1e-5)
     assert reg_loss.item() == 0.0
 
@@ -345,7 +345,7 @@ def test_box_iou_by_hand():
 
 
 def test_invalid_inputs_raise_value_error():
-    loss = FocalLoss("yaep")
+    loss = DetectionLoss("yaep")
     bad_class = TINY_BOX.clone()
     bad_class[0, 0, 4] = 2  # C = 2
     with pytest.raises(ValueError, match=r"class ids.*\[2\.0\]"):
@@ -355,9 +355,9 @@ def test_invalid_inputs_raise_value_error():
     with pytest.raises(ValueError, match="annotations"):
         loss(TINY_PROBS, TINY_REGRESSION, TINY_ANCHORS, TINY_BOX[..., :4])
     with pytest.raises(ValueError, match="'focal'"):
-        FocalLoss("focal")
+        DetectionLoss("focal")
     with pytest.raises(ValueError, match="label_smoothing"):
-        FocalLoss("yaep", label_smoothing=0.1)
+        DetectionLoss("yaep", label_smoothing=0.1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,7 +396,7 @@ def test_yaep_matches_per_image_reference(seed, counts):
     logits, regression, anchors, annotations = _random_batch(seed, counts)
     probs = logits.sigmoid()
     expected = reference_yaep(probs, regression, anchors, annotations)
-    got = FocalLoss("yaep")(probs, regression, anchors, annotations)
+    got = DetectionLoss("yaep")(probs, regression, anchors, annotations)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], expected[1].float(), rtol=1e-5, atol=1e-6)
     if sum(counts):
@@ -408,7 +408,7 @@ def test_yaep_matches_per_image_reference(seed, counts):
 def test_official_matches_per_image_reference(seed, counts, smoothing):
     logits, regression, anchors, annotations = _random_batch(seed, counts)
     expected = reference_official(logits, regression, anchors, annotations, label_smoothing=smoothing)
-    got = FocalLoss("official", from_logits=True, label_smoothing=smoothing)(logits, regression, anchors, annotations)
+    got = DetectionLoss("official", from_logits=True, label_smoothing=smoothing)(logits, regression, anchors, annotations)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], torch.as_tensor(expected[1]).float(), rtol=1e-5, atol=1e-6)
 
@@ -421,7 +421,7 @@ def test_official_matches_per_image_reference(seed, counts, smoothing):
 def test_bf16_inputs_are_computed_in_float32(formulation):
     logits, regression, anchors, annotations = _random_batch(5, (2, 0, 4))
     inputs = logits if formulation == "official" else logits.sigmoid()
-    loss = FocalLoss(formulation, from_logits=formulation == "official")
+    loss = DetectionLoss(formulation, from_logits=formulation == "official")
     low = (inputs.bfloat16(), regression.bfloat16())
     low_anchors = anchors.bfloat16()
     expected = loss(low[0].float(), low[1].float(), low_anchors.float(), annotations)
@@ -435,15 +435,15 @@ def test_bf16_inputs_are_computed_in_float32(formulation):
 
 @pytest.mark.parametrize("formulation", ["yaep", "official"])
 def test_gradients_finite_through_d0(formulation):
-    from backbone import EfficientDetBackbone
+    from backbone import EfficientDet
 
     torch.manual_seed(0)
-    model = EfficientDetBackbone(num_classes=3, compound_coef=0).train()
+    model = EfficientDet(num_classes=3, compound_coef=0).train()
     images = torch.randn(2, 3, 128, 128)
     features, regression, classification, anchors = model(images, logits=formulation == "official")
     annotations = torch.tensor([[[10., 20., 60., 90., 0.], [70., 5., 120., 40., 2.]],
                                 [[32., 32., 96., 96., 1.], [-1., -1., -1., -1., -1.]]])
-    cls_loss, reg_loss = FocalLoss(formulation, from_logits=formulation == "official")(
+    cls_loss, reg_loss = DetectionLoss(formulation, from_logits=formulation == "official")(
         classification, regression, anchors, annotations)
     assert torch.isfinite(cls_loss) and torch.isfinite(reg_loss)
     assert reg_loss.item() > 0

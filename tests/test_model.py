@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from backbone import EfficientDetBackbone
+from backbone import EfficientDet
 from efficientdet.anchors import Anchors, BBoxTransform, encode_boxes
 from efficientdet.config import MODEL_CONFIGS, get_model_config
 from efficientdet.model import BiFPN
@@ -24,7 +24,7 @@ def layout(conformance_dir):
 @pytest.mark.parametrize("compound_coef", range(9))
 def test_state_dict_matches_published_layout(layout, compound_coef):
     with torch.device("meta"):
-        model = EfficientDetBackbone(num_classes=90, compound_coef=compound_coef)
+        model = EfficientDet(num_classes=90, compound_coef=compound_coef)
     expected = layout[f"d{compound_coef}"]
     ours = [[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()]
     assert ours == expected["state_dict"]
@@ -73,7 +73,7 @@ def test_one_forward_serves_the_loss_with_logits(d0_model, d0_vectors):
 
 def test_pool_padding_matters(d0_weights, d0_vectors):
     """The official (-inf) pool padding is a different network: the published vectors need zeros."""
-    model = EfficientDetBackbone(num_classes=90, compound_coef=0, pool_padding="official").eval()
+    model = EfficientDet(num_classes=90, compound_coef=0, pool_padding="official").eval()
     model.load_state_dict(d0_weights)
     with torch.no_grad():
         features = model(torch.from_numpy(d0_vectors["input"]))[0]
@@ -82,7 +82,7 @@ def test_pool_padding_matters(d0_weights, d0_vectors):
 
 @pytest.mark.parametrize("size", [(256, 384), (384, 256), (128, 128)])
 def test_non_square_multiples_work(size):
-    model = EfficientDetBackbone(num_classes=3, compound_coef=0).eval()
+    model = EfficientDet(num_classes=3, compound_coef=0).eval()
     with torch.no_grad():
         features, regression, classification, anchors = model(torch.zeros(1, 3, *size))
     h, w = size
@@ -96,14 +96,14 @@ def test_non_square_multiples_work(size):
 
 @pytest.mark.parametrize("size", [(500, 512), (512, 200), (64, 128)])
 def test_bad_input_size_is_a_clear_error(size):
-    model = EfficientDetBackbone(num_classes=3, compound_coef=0)
+    model = EfficientDet(num_classes=3, compound_coef=0)
     with pytest.raises(ValueError, match=r"multiples of 128"):
         model(torch.zeros(1, 3, *size))
 
 
 def test_d7x_needs_multiples_of_256():
     with torch.device("meta"):
-        model = EfficientDetBackbone(num_classes=90, compound_coef=8)
+        model = EfficientDet(num_classes=90, compound_coef=8)
     with pytest.raises(ValueError, match=r"multiples of 256.*P8"):
         model.check_input_size(384, 512)
     model.check_input_size(512, 768)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from backbone import EfficientDetBackbone
+from backbone import EfficientDet
 from utils.inference.modes import fold_batchnorm
 
 
@@ -70,7 +70,7 @@ def test_parse_mode_components_and_aliases():
     with pytest.raises(ValueError, match="bf16 and fp16"):
         parse_mode("bf16+fp16")
     with pytest.raises(ValueError, match="fp16.*CUDA"):
-        InferenceModel(EfficientDetBackbone(num_classes=3, compound_coef=0).eval(), "fp16", device=torch.device("cpu"))
+        InferenceModel(EfficientDet(num_classes=3, compound_coef=0).eval(), "fp16", device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("mode", FP32_MODES)

@@ -361,3 +361,13 @@ def test_colors_and_labels():
         get_index_label("truck", obj_list)
     assert boolean_string is cli_boolean_string and boolean_string("True") is True
     assert boolean_string("False") is False
+
+
+def test_published_class_names_are_the_renamed_classes():
+    """``EfficientDetBackbone`` (the whole detector) is ``EfficientDet``; ``FocalLoss`` (both losses) is
+    ``DetectionLoss``: the same classes, so isinstance checks and pickled models keep working."""
+    from backbone import EfficientDet
+    from efficientdet.loss import DetectionLoss
+
+    assert EfficientDetBackbone is EfficientDet and FocalLoss is DetectionLoss
+    assert EfficientDetBackbone(num_classes=2, compound_coef=0).__class__.__name__ == "EfficientDet"

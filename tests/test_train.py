@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train
-from backbone import EfficientDetBackbone
+from backbone import EfficientDet
 from tests.conftest import REPO, project_yaml
 
 # Two layouts of large shapes (category, (x1, y1, x2, y2)) in a 128 x 128 image.
@@ -119,7 +119,7 @@ def test_checkpoints_are_complete_and_atomic(tmp_path):
     assert not [n for n in names if n.endswith(".tmp")]
     # The .pth files are plain state_dicts in the published format: the EMA weights.
     for name in ("efficientdet-d0_1_2.pth", "efficientdet-d0_best.pth"):
-        model = EfficientDetBackbone(num_classes=2, compound_coef=0)
+        model = EfficientDet(num_classes=2, compound_coef=0)
         model.load_state_dict(torch.load(folder / name))
     weights = torch.load(folder / "efficientdet-d0_1_2.pth", weights_only=True)
     state = torch.load(folder / "efficientdet-d0_1_2.state.pt", weights_only=True)
@@ -233,7 +233,7 @@ def test_published_command_lines(tmp_path, monkeypatch):
     yaml_path = write_tiny_project(tmp_path, num_train=4)
     monkeypatch.chdir(tmp_path)  # --debug writes to ./test/
     pretrained = tmp_path / "efficientdet-d0.pth"  # a published-style 90-class file
-    torch.save(EfficientDetBackbone(num_classes=90, compound_coef=0).state_dict(), pretrained)
+    torch.save(EfficientDet(num_classes=90, compound_coef=0).state_dict(), pretrained)
     short = ["--max_steps", "2", "--save_interval", "100"]
 
     # Tutorial: python train.py -c 0 -p shape --head_only True --lr 5e-3 --batch_size 32 --load_weights ...
@@ -307,7 +307,7 @@ def test_last_is_the_most_recent_save_not_the_highest_step(tmp_path):
     yaml_path = write_tiny_project(tmp_path)
     folder = ckpt_dir(tmp_path, "s")
     folder.mkdir(parents=True)
-    torch.save(EfficientDetBackbone(num_classes=2, compound_coef=0).state_dict(), folder / "efficientdet-d0_49_1400.pth")
+    torch.save(EfficientDet(num_classes=2, compound_coef=0).state_dict(), folder / "efficientdet-d0_49_1400.pth")
     os.utime(folder / "efficientdet-d0_49_1400.pth", (1, 1))
     common = ["--batch_size", "2", "--save_interval", "0", "--val_interval", "0"]
     assert run_train(tmp_path, yaml_path, "s", *common, "--max_steps", "2") == 0
@@ -322,7 +322,7 @@ def test_last_is_the_most_recent_save_not_the_highest_step(tmp_path):
 def test_weights_file_fine_tunes_and_continues_the_published_step_count(tmp_path, capsys):
     yaml_path = write_tiny_project(tmp_path)
     weights = tmp_path / "efficientdet-d0_3_5.pth"
-    torch.save(EfficientDetBackbone(num_classes=2, compound_coef=0).state_dict(), weights)
+    torch.save(EfficientDet(num_classes=2, compound_coef=0).state_dict(), weights)
     assert run_train(tmp_path, yaml_path, "f", "--batch_size", "2", "--val_interval", "0", "-w", str(weights),
                      "--max_steps", "7", "--save_interval", "0") == 0
     assert sorted(read_log(tmp_path, "f")) == [6, 7]
@@ -333,7 +333,7 @@ def test_weights_file_fine_tunes_and_continues_the_published_step_count(tmp_path
 def test_previous_single_file_checkpoints_still_resume(tmp_path):
     """Checkpoints of the previous format (one dict: format, model, optimizer, ...) resume exactly."""
     yaml_path = write_tiny_project(tmp_path)
-    model = EfficientDetBackbone(num_classes=2, compound_coef=0)
+    model = EfficientDet(num_classes=2, compound_coef=0)
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=3)
     legacy = {"format": "efficientdet-pytorch/1", "model": model.state_dict(), "train_model": None,

@@ -6,19 +6,19 @@ import logging
 import pytest
 import torch
 
-from backbone import EfficientDetBackbone
+from backbone import EfficientDet
 from utils.weights.loading import describe_state_dict, load_weights
 
 
 def _meta_state_dict(compound_coef: int, num_classes: int = 90):
     with torch.device("meta"):
-        return EfficientDetBackbone(num_classes=num_classes, compound_coef=compound_coef).state_dict()
+        return EfficientDet(num_classes=num_classes, compound_coef=compound_coef).state_dict()
 
 
 def test_published_layout_loads_strictly(d0_weights, tmp_path):
     path = tmp_path / "efficientdet-d0.pth"
     torch.save(d0_weights, path)
-    model = EfficientDetBackbone(num_classes=90, compound_coef=0)
+    model = EfficientDet(num_classes=90, compound_coef=0)
     assert load_weights(model, path) == ()
     for key, value in model.state_dict().items():
         assert torch.equal(value, d0_weights[key]), key
@@ -28,14 +28,14 @@ def test_module_prefix_and_training_checkpoint(d0_weights, tmp_path):
     wrapped = {"model": {f"module.{k}": v for k, v in d0_weights.items()}, "epoch": 3, "step": 10}
     path = tmp_path / "ckpt.pth"
     torch.save(wrapped, path)
-    model = EfficientDetBackbone(num_classes=90, compound_coef=0)
+    model = EfficientDet(num_classes=90, compound_coef=0)
     load_weights(model, path)
     assert torch.equal(model.state_dict()["bifpn.0.p6_w1"], d0_weights["bifpn.0.p6_w1"])
 
 
 def test_class_count_change_skips_only_class_output(d0_weights, caplog):
     torch.manual_seed(0)
-    model = EfficientDetBackbone(num_classes=2, compound_coef=0)
+    model = EfficientDet(num_classes=2, compound_coef=0)
     initial_header = model.classifier.header.pointwise_conv.conv.weight.detach().clone()
     with caplog.at_level(logging.WARNING):
         skipped = load_weights(model, d0_weights)
@@ -49,7 +49,7 @@ def test_class_count_change_skips_only_class_output(d0_weights, caplog):
 
 
 def test_class_count_change_strict_fails(d0_weights):
-    model = EfficientDetBackbone(num_classes=2, compound_coef=0)
+    model = EfficientDet(num_classes=2, compound_coef=0)
     with pytest.raises(ValueError, match="90 classes, model has 2"):
         load_weights(model, d0_weights, strict_classes=True)
 
@@ -60,7 +60,7 @@ def test_class_count_change_strict_fails(d0_weights):
     (8, r"checkpoint is D7x \(BiFPN width 384\), model is D0 \(64\)"),
 ])
 def test_other_model_is_named(ckpt_coef, message):
-    model = EfficientDetBackbone(num_classes=90, compound_coef=0)
+    model = EfficientDet(num_classes=90, compound_coef=0)
     with pytest.raises(ValueError, match=message):
         load_weights(model, _meta_state_dict(ckpt_coef))
 
@@ -73,7 +73,7 @@ def test_describe_state_dict_identifies_every_model():
 
 
 def test_missing_and_corrupt_files(tmp_path):
-    model = EfficientDetBackbone(num_classes=90, compound_coef=0)
+    model = EfficientDet(num_classes=90, compound_coef=0)
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
         load_weights(model, tmp_path / "nothere.pth")
     corrupt = tmp_path / "corrupt.pth"
@@ -83,6 +83,6 @@ def test_missing_and_corrupt_files(tmp_path):
 
 
 def test_anchor_count_mismatch_is_named(d0_weights):
-    model = EfficientDetBackbone(num_classes=90, compound_coef=0, ratios=((1.0, 1.0),), scales=(1.0,))
+    model = EfficientDet(num_classes=90, compound_coef=0, ratios=((1.0, 1.0),), scales=(1.0,))
     with pytest.raises(ValueError, match="regressor.header"):
         load_weights(model, d0_weights, strict_classes=False)

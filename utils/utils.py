@@ -1,7 +1,7 @@
 """The published ``utils.utils`` module API (zylo117 "Yet-Another-EfficientDet-Pytorch"), for scripts and
 notebooks written against it. The published inference snippet runs unchanged::
 
-    from backbone import EfficientDetBackbone
+    from backbone import EfficientDet
     from efficientdet.utils import BBoxTransform, ClipBoxes
     from utils.utils import preprocess, invert_affine, postprocess
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backbone import EfficientDetBackbone, build_model
+from backbone import EfficientDet, build_model
 from utils.config.device import select_device
 from utils.inference.modes import InferenceModel
 from utils.inference.postprocess import DEMO_THRESHOLDS, Detections, Thresholds, postprocess
@@ -42,7 +42,7 @@ def _same_numbers(a: Sequence[Any], b: Sequence[Any]) -> bool:
 
 
 class Detector:
-    """An :class:`EfficientDetBackbone` in eval mode plus the project's pre- and post-processing.
+    """An :class:`EfficientDet` in eval mode plus the project's pre- and post-processing.
 
     Args:
         model: the detector; moved to ``device`` and put in eval mode (and half precision with ``float16``).
@@ -67,7 +67,7 @@ class Detector:
         runner: the :class:`utils.inference.modes.InferenceModel` that runs the forward pass.
     """
 
-    def __init__(self, model: EfficientDetBackbone, project: ProjectConfig, input_size: Optional[SizeSpec] = None,
+    def __init__(self, model: EfficientDet, project: ProjectConfig, input_size: Optional[SizeSpec] = None,
                  device: Optional[Union[str, torch.device]] = None, float16: bool = False,
                  threshold: float = DEMO_THRESHOLDS.score, iou_threshold: float = DEMO_THRESHOLDS.iou,
                  clip_to_image: bool = True,

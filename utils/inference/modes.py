@@ -2,15 +2,15 @@
 reduced precision, combined into the inference *modes* of :class:`InferenceModel`.
 
 Every transformation keeps the network's function (up to float round-off; bf16/fp16 up to their
-precision) and returns the same outputs as :class:`backbone.EfficientDetBackbone`. They are for
+precision) and returns the same outputs as :class:`backbone.EfficientDet`. They are for
 inference only: folded models cannot be trained or saved as published checkpoints.
 
 A mode is a ``+``-joined set of components (order does not matter)::
 
     eager           plain float32 model (the reference; no component)
-    fused           the network in its inference form (:meth:`backbone.EfficientDetBackbone.fuse`: each
+    fused           the network in its inference form (:meth:`backbone.EfficientDet.fuse`: each
                     module's ``fuse()`` beside its training form): every BatchNorm folded into the conv
-                    before it (:meth:`~backbone.EfficientDetBackbone.fold_batchnorm`), stride-2 convs and
+                    before it (:meth:`~backbone.EfficientDet.fold_batchnorm`), stride-2 convs and
                     max-pools without padding copies, swish and the class sigmoid fused into the convs
                     (oneDNN on CPU, weights prepacked per input shape) or in place, squeeze-excitation as
                     Linear layers, both heads run side by side
@@ -36,7 +36,7 @@ from typing import Dict, FrozenSet, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from backbone import EfficientDetBackbone, FusedEfficientDet, check_images
+from backbone import EfficientDet, FusedEfficientDet, check_images
 from efficientnet.utils import TRACE_CACHE_SIZE, bf16_supported
 
 logger = logging.getLogger(__name__)
@@ -58,13 +58,13 @@ __all__ = ["FASTEST", "MODES", "MODE_COMPONENTS", "TRACE_CACHE_SIZE", "Inference
            "fold_batchnorm", "mode_name", "parse_mode", "specialize_for_inference"]
 
 
-def fold_batchnorm(model: EfficientDetBackbone) -> EfficientDetBackbone:
-    """A copy of ``model`` with every BatchNorm folded: :meth:`backbone.EfficientDetBackbone.fold_batchnorm`."""
+def fold_batchnorm(model: EfficientDet) -> EfficientDet:
+    """A copy of ``model`` with every BatchNorm folded: :meth:`backbone.EfficientDet.fold_batchnorm`."""
     return model.fold_batchnorm()
 
 
-def specialize_for_inference(model: EfficientDetBackbone) -> FusedEfficientDet:
-    """The ``fused`` mode's network: :meth:`backbone.EfficientDetBackbone.fuse`."""
+def specialize_for_inference(model: EfficientDet) -> FusedEfficientDet:
+    """The ``fused`` mode's network: :meth:`backbone.EfficientDet.fuse`."""
     return model.fuse()
 
 
@@ -112,7 +112,7 @@ class _OutputsOnly(nn.Module):
 
 
 class InferenceModel:
-    """An :class:`EfficientDetBackbone` prepared for one inference mode; ``__call__(images)`` runs it.
+    """An :class:`EfficientDet` prepared for one inference mode; ``__call__(images)`` runs it.
 
     Args:
         model: the detector (eval mode is set). It is moved to ``device`` and, for the modes without

@@ -48,7 +48,7 @@ class ExportModule(nn.Module):
 def export_onnx(model: nn.Module, path: str, input_hw: Tuple[int, int], batch_size: int = 1,
                 dynamic_batch: bool = False, with_decode: bool = False, opset: int = 17,
                 fuse: bool = True) -> Tuple[str, str]:
-    """Export an :class:`EfficientDetBackbone` (eval mode, float32, on its device) to ONNX at ``path``.
+    """Export an :class:`EfficientDet` (eval mode, float32, on its device) to ONNX at ``path``.
 
     The graph takes ``images`` float32[B, 3, H, W] (B symbolic with ``dynamic_batch``) and returns
     ``(regression, classification)`` or, with ``with_decode``, ``(boxes, scores)`` (see

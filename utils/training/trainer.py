@@ -20,10 +20,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from backbone import EfficientDetBackbone, build_model, check_input_size
+from backbone import EfficientDet, build_model, check_input_size
 from efficientdet.config import get_model_config
 from efficientdet.dataset import DataBundle, annotation_path, create_dataloaders
-from efficientdet.loss import FocalLoss
+from efficientdet.loss import DetectionLoss
 from utils.weights.checkpoints import ResumePoint, best_name, checkpoint_name, save_checkpoint, save_weights
 from utils.config.device import select_device
 from utils.evaluation import evaluate_detector
@@ -74,7 +74,7 @@ class Trainer:
         self.train_sampler: ResumableSampler = self.train_loader.sampler
 
         self.model = self._build_model(args, resume)
-        self.net: nn.Module = ModelWithLoss(self.model, FocalLoss(self.loss_name, from_logits=True))
+        self.net: nn.Module = ModelWithLoss(self.model, DetectionLoss(self.loss_name, from_logits=True))
         if self.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
@@ -130,7 +130,7 @@ class Trainer:
                              "--input_size")
         return per_process
 
-    def _build_model(self, args: argparse.Namespace, resume: Optional[ResumePoint]) -> EfficientDetBackbone:
+    def _build_model(self, args: argparse.Namespace, resume: Optional[ResumePoint]) -> EfficientDet:
         model = build_model(args.compound_coef, self.project)
         if args.backbone_weights:
             count = load_backbone_weights(model, args.backbone_weights)
@@ -241,7 +241,7 @@ class Trainer:
             self.model.train(was_training)
         return metrics
 
-    def _val_map(self, model: EfficientDetBackbone) -> float:
+    def _val_map(self, model: EfficientDet) -> float:
         """COCO mAP@[.5:.95] of ``model`` on the val set (the evaluator's thresholds, ``EVAL_THRESHOLDS``)."""
         detector = Detector(model, self.project, input_size=self.input_size, device=self.device,
                             threshold=EVAL_THRESHOLDS.score, iou_threshold=EVAL_THRESHOLDS.iou)

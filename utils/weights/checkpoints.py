@@ -3,7 +3,7 @@
 A run folder (``{saved_path}/{project_name}/``) holds:
 
 - ``efficientdet-d{c}_{epoch}_{step}.pth``: a plain state_dict, as the published ``train.py`` wrote
-  (the EMA weights when EMA is on): ``EfficientDetBackbone(...).load_state_dict(torch.load(path))``
+  (the EMA weights when EMA is on): ``EfficientDet(...).load_state_dict(torch.load(path))``
   takes it with ``strict=True``.
 - ``efficientdet-d{c}_{epoch}_{step}.state.pt``: the training state of that step (optimizer,
   scheduler, gradient scaler, EMA, RNG, counters, settings; the raw weights when the ``.pth`` holds

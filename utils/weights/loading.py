@@ -125,7 +125,7 @@ def first_non_finite(obj: Any, prefix: str = "") -> Optional[str]:
 
 
 def load_weights(model: nn.Module, source: Source, strict_classes: bool = False) -> Tuple[str, ...]:
-    """Load ``source`` into an :class:`EfficientDetBackbone` ``model``.
+    """Load ``source`` into an :class:`EfficientDet` ``model``.
 
     Args:
         model: the detector to fill.

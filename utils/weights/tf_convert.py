@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from backbone import EfficientDetBackbone
+from backbone import EfficientDet
 from efficientdet.anchors import OFFICIAL_RATIOS
 from efficientdet.config import MODEL_CONFIGS, ModelConfig, get_model_config
 from utils.weights.tf_checkpoint import TFCheckpointReader
@@ -123,7 +123,7 @@ def _conv(ours: str, theirs: str, bias: bool) -> List[Mapping]:
     return maps
 
 
-def backbone_mappings(model: EfficientDetBackbone) -> List[Mapping]:
+def backbone_mappings(model: EfficientDet) -> List[Mapping]:
     """EfficientNet stem and blocks (``efficientnet-bN/...``)."""
     net = model.backbone_net.model
     scope = f"efficientnet-b{model.config.backbone}"
@@ -196,7 +196,7 @@ def head_mappings(config: ModelConfig) -> List[Mapping]:
     return maps
 
 
-def official_mappings(model: EfficientDetBackbone) -> List[Mapping]:
+def official_mappings(model: EfficientDet) -> List[Mapping]:
     """Every state_dict key of ``model`` that comes from the checkpoint, with its source variables."""
     return backbone_mappings(model) + bifpn_mappings(model.config) + head_mappings(model.config)
 
@@ -243,10 +243,10 @@ def read_facts(reader: TFCheckpointReader) -> CheckpointFacts:
     return CheckpointFacts(facts.backbone, width, facts.fpn_cells, facts.num_nodes, facts.head_repeats, outputs)
 
 
-def build_model(compound_coef: int, num_classes: int) -> EfficientDetBackbone:
+def build_model(compound_coef: int, num_classes: int) -> EfficientDet:
     """Our detector as converted official weights need it (official ratios, TF max-pool padding)."""
-    return EfficientDetBackbone(num_classes=num_classes, compound_coef=compound_coef, ratios=OFFICIAL_RATIOS,
-                                pool_padding="official")
+    return EfficientDet(num_classes=num_classes, compound_coef=compound_coef, ratios=OFFICIAL_RATIOS,
+                        pool_padding="official")
 
 
 def convert(reader: TFCheckpointReader, compound_coef: int, num_classes: int = 90,
@@ -280,7 +280,7 @@ def convert(reader: TFCheckpointReader, compound_coef: int, num_classes: int = 9
 
 
 def _checked_model(reader: TFCheckpointReader, config: ModelConfig, compound_coef: int,
-                   num_classes: int) -> EfficientDetBackbone:
+                   num_classes: int) -> EfficientDet:
     """Our model for ``-c compound_coef``, once the checkpoint is checked to be that model and class count."""
     facts = read_facts(reader)
     if config not in facts.matching_models():
@@ -306,7 +306,7 @@ def _checkpoint_variables(reader: TFCheckpointReader) -> Tuple[set, set]:
     return available, weights
 
 
-def _place_variables(reader: TFCheckpointReader, model: EfficientDetBackbone, own: Dict[str, torch.Tensor],
+def _place_variables(reader: TFCheckpointReader, model: EfficientDet, own: Dict[str, torch.Tensor],
                      available: set, weights: set,
                      use_ema: bool) -> Tuple[Dict[str, torch.Tensor], set, int]:
     """Our tensors from :func:`official_mappings`, the variables used and the count of moving-average shadows."""
