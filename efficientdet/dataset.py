@@ -295,6 +295,11 @@ class CocoDataset(Dataset):
     def image_path(self, index: int) -> Path:
         return self._records[index].path
 
+    def image_hw(self, index: int) -> Tuple[int, int]:
+        """``(height, width)`` of image ``index`` as the annotation file records it (no file is read)."""
+        record = self._records[index]
+        return record.height, record.width
+
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch`` (with ``seed`` set)."""
         self.epoch = int(epoch)

@@ -9,6 +9,7 @@ pixels drawn: a rectangle covers columns ``x … x + w - 1``, a circle of radius
 the box ``[cx - r, cy - r, 2r + 1, 2r + 1]``. Shapes may overlap; some images have none (negatives).
 
     python tools/make_shape_dataset.py --out datasets/shape --num-train 900 --num-val 100 --size 512
+    python tools/make_shape_dataset.py --out datasets/elongated --aspect 5 8   # long thin shapes
 """
 from __future__ import annotations
 
@@ -32,9 +33,32 @@ logger = logging.getLogger(__name__)
 
 CATEGORIES = [{"id": 1, "name": "rectangle", "supercategory": "None"},
               {"id": 2, "name": "circle", "supercategory": "None"}]
+#: With ``aspect``: long thin rectangles and ellipses.
+ELONGATED_CATEGORIES = [{"id": 1, "name": "rectangle", "supercategory": "None"},
+                        {"id": 2, "name": "ellipse", "supercategory": "None"}]
 
 
-def _draw_image(rng: np.random.Generator, size: int, max_shapes: int
+def _draw_elongated(image: np.ndarray, rng: np.random.Generator, aspect: Tuple[float, float],
+                    color: Tuple[int, ...]) -> Tuple[int, List[float]]:
+    """One axis-aligned rectangle or ellipse, long side ``aspect`` (uniform in the range) times the short
+    one, lying or standing at random; returns ``(category_id, [x, y, w, h])`` covering the drawn pixels."""
+    size = image.shape[0]
+    ratio = float(rng.uniform(*aspect))
+    short = int(rng.integers(max(4, size // 32), max(5, int(0.75 * size / ratio) // 2 + 2)))
+    long = min(size - 1, max(short + 1, int(round(short * ratio))))
+    w, h = (long, short) if rng.random() < 0.5 else (short, long)
+    ellipse = rng.random() < 0.5
+    if ellipse:  # odd sides 2a + 1, 2b + 1: the ellipse fills exactly its box
+        w, h = min(w | 1, size - 1), min(h | 1, size - 1)
+    x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+    if ellipse:
+        cv2.ellipse(image, (x + w // 2, y + h // 2), (w // 2, h // 2), 0, 0, 360, color, thickness=-1)
+        return 2, [float(x), float(y), float(w), float(h)]
+    cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), color, thickness=-1)
+    return 1, [float(x), float(y), float(w), float(h)]
+
+
+def _draw_image(rng: np.random.Generator, size: int, max_shapes: int, aspect: Optional[Tuple[float, float]] = None
                 ) -> Tuple[np.ndarray, List[Tuple[int, List[float]]]]:
     """One BGR ``np.ndarray[size, size, 3] uint8`` and its shapes as ``(category_id, [x, y, w, h])``."""
     background = rng.integers(0, 96, size=3)
@@ -44,7 +68,9 @@ def _draw_image(rng: np.random.Generator, size: int, max_shapes: int
     min_side, max_side = max(4, size // 16), max(8, size // 4)
     for _ in range(int(rng.integers(0, max_shapes + 1))):
         color = tuple(int(c) for c in rng.integers(128, 256, size=3))  # brighter than the background
-        if rng.random() < 0.5:
+        if aspect is not None:
+            shapes.append(_draw_elongated(image, rng, aspect, color))
+        elif rng.random() < 0.5:
             w, h = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
             x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
             cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), color, thickness=-1)
@@ -58,14 +84,19 @@ def _draw_image(rng: np.random.Generator, size: int, max_shapes: int
 
 
 def make_shape_dataset(out: Path, num_train: int = 900, num_val: int = 100, size: int = 512, seed: int = 0,
-                       max_shapes: int = 4) -> Dict[str, Path]:
+                       max_shapes: int = 4, aspect: Optional[Tuple[float, float]] = None) -> Dict[str, Path]:
     """Write the dataset under ``out``; returns ``{set_name: annotation json path}``.
 
-    Deterministic for a given ``seed``. Raises ValueError for non-positive sizes or negative counts.
+    ``aspect`` (min, max): elongated shapes instead, long thin rectangles (1) and ellipses (2) whose long
+    side is that many times the short one. Deterministic for a given ``seed``. Raises ValueError for
+    non-positive sizes, negative counts or an aspect range outside [1, size / 6].
     """
     if size < 32 or num_train < 0 or num_val < 0 or max_shapes < 0:
         raise ValueError(f"need size >= 32 and non-negative counts, got size={size}, num_train={num_train}, "
                          f"num_val={num_val}, max_shapes={max_shapes}")
+    if aspect is not None and not 1.0 <= aspect[0] <= aspect[1] <= size / 6:
+        raise ValueError(f"aspect must satisfy 1 <= min <= max <= size / 6 = {size / 6:g}, got {aspect}")
+    categories = CATEGORIES if aspect is None else ELONGATED_CATEGORIES
     out = Path(out)
     rng = np.random.default_rng(seed)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
@@ -75,7 +106,7 @@ def make_shape_dataset(out: Path, num_train: int = 900, num_val: int = 100, size
         (out / set_name).mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for image_id in range(count):
-            image, shapes = _draw_image(rng, size, max_shapes)
+            image, shapes = _draw_image(rng, size, max_shapes, aspect)
             file_name = f"{file_index}.jpg"
             file_index += 1
             if not cv2.imwrite(str(out / set_name / file_name), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
@@ -87,7 +118,7 @@ def make_shape_dataset(out: Path, num_train: int = 900, num_val: int = 100, size
                                     "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
         path = annotation_path(out, set_name)
         path.write_text(json.dumps({"info": {"description": "synthetic shapes"}, "licenses": [],
-                                    "categories": CATEGORIES, "images": images, "annotations": annotations}),
+                                    "categories": categories, "images": images, "annotations": annotations}),
                         encoding="utf-8")
         logger.info("%s: %d images, %d boxes", path, len(images), len(annotations))
         written[set_name] = path
@@ -102,13 +133,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--max-shapes", type=int, default=4, help="at most this many shapes per image")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--aspect", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="elongated shapes: rectangles and ellipses MIN to MAX times longer than wide")
     return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        written = make_shape_dataset(args.out, args.num_train, args.num_val, args.size, args.seed, args.max_shapes)
+        written = make_shape_dataset(args.out, args.num_train, args.num_val, args.size, args.seed, args.max_shapes,
+                                     tuple(args.aspect) if args.aspect else None)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

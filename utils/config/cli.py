@@ -46,11 +46,12 @@ def add_model_args(parser: argparse.ArgumentParser, weights_help: str = DEFAULT_
                    project_default: str = "coco", weights_flags: Sequence[str] = ("-w", "--weights")) -> None:
     """The options that name the model, defined once for every script: ``-c/--compound_coef`` (D0..D7x as
     0..8), ``-p/--project`` (``projects/NAME.yml`` or a YAML path) and ``-w/--weights`` (``train.py``:
-    ``-w/--load_weights``)."""
+    ``-w/--load_weights``; none with empty ``weights_flags``)."""
     parser.add_argument("-c", "--compound_coef", type=int, default=0, help="EfficientDet D0..D7x as 0..8 (default %(default)s)")
     parser.add_argument("-p", "--project", default=project_default,
                         help="project name (projects/NAME.yml) or path of a project YAML (default %(default)s)")
-    parser.add_argument(*weights_flags, default=None, help=weights_help)
+    if weights_flags:
+        parser.add_argument(*weights_flags, default=None, help=weights_help)
 
 
 def add_threshold_args(parser: argparse.ArgumentParser, preset: Any, iou_flag: str = "--iou_threshold") -> None:

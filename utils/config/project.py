@@ -20,10 +20,11 @@ from __future__ import annotations
 import ast
 import logging
 import math
+import os
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import yaml
 
@@ -293,3 +294,37 @@ def _parse_choices(path: Path, data: Dict[str, Any]) -> Dict[str, str]:
         if choices[key] not in allowed:
             raise _bad(path, data, key, f"expected one of {', '.join(allowed)}")
     return choices
+
+
+ANCHOR_KEYS = ("anchors_scales", "anchors_ratios")
+
+
+def write_anchors(path: Union[str, Path], lines: Sequence[str]) -> Path:
+    """Replace the ``anchors_scales`` and ``anchors_ratios`` entries of the project YAML ``path`` with ``lines``
+    (``"anchors_scales: '[...]'"``, ``"anchors_ratios: '[...]'"``), keeping every other line and comment.
+
+    An entry is its key's line plus the indented lines under it. The file is written atomically and read back
+    with :func:`load_project`; ValueError (naming the file) when a key is missing or the result does not load.
+    """
+    path = Path(path)
+    replacement = {line.split(":", 1)[0].strip(): line for line in lines}
+    if sorted(replacement) != sorted(ANCHOR_KEYS):
+        raise ValueError(f"expected the lines of {ANCHOR_KEYS}, got {list(replacement)}")
+    out: List[str] = []
+    skipping = False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        key = line.split(":", 1)[0].strip() if line[:1] not in (" ", "\t", "#", "-") else None
+        if skipping and key is None and line.strip() and not line.startswith("#"):
+            continue  # the indented continuation of a replaced entry
+        skipping = key in replacement
+        out.append(replacement.pop(key) if skipping else line)
+    if replacement:
+        raise ValueError(f"{path}: no {' or '.join(sorted(replacement))} entry to replace")
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("\n".join(out) + "\n", encoding="utf-8")
+    try:
+        load_project(temporary)  # ValueError naming the problem before the project file changes
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path

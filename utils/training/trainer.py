@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from backbone import EfficientDet, build_model, check_input_size
+from efficientdet.anchor_fit import anchor_fit_warning
 from efficientdet.config import get_model_config
 from efficientdet.dataset import DataBundle, annotation_path, create_dataloaders
 from efficientdet.loss import DetectionLoss
@@ -71,6 +72,7 @@ class Trainer:
 
         self.data = self._create_loaders(args)
         self.train_loader, self.val_loader = self.data.train_loader, self.data.val_loader
+        self._check_anchors(args)
         self.train_sampler: ResumableSampler = self.train_loader.sampler
 
         self.model = self._build_model(args, resume)
@@ -105,6 +107,16 @@ class Trainer:
                              + (f" per process ({self.world} processes)" if self.world > 1 else "")
                              + ": lower --batch_size")
         return data
+
+    def _check_anchors(self, args: argparse.Namespace) -> None:
+        """Warn when the project's anchors leave more than 5 % of the training boxes without a positive anchor."""
+        if self.is_main:
+            warning = anchor_fit_warning(self.data.train_set, self.config, self.project.anchors_scales,
+                                         self.project.anchors_ratios, self.input_size,
+                                         f"python tools/fit_anchors.py -c {args.compound_coef} -p {args.project} "
+                                         f"--data_path {args.data_path} --input_size {self.input_size}")
+            if warning:
+                self.log(f"warning: {warning}")
 
     def _select_device(self, args: argparse.Namespace) -> torch.device:
         if self.world > 1:

@@ -1,0 +1,118 @@
+"""Default against fitted anchors on long thin objects: best-possible recall and COCO mAP after training.
+
+    python benchmark/anchor_fit.py                      # 400 + 100 images of 256 px, aspect 5-8, 600 steps each
+    python benchmark/anchor_fit.py --steps 200 --num_train 100 --json out.json
+
+Writes an elongated shape set (``tools/make_shape_dataset.py --aspect 5 8``), one project with the COCO
+anchors and one with the anchors :func:`efficientdet.anchor_fit.fit_anchors` proposes, then trains D0 from
+scratch on each with the same seed, data order and number of steps (``train.py``) and evaluates each on the
+val set (``coco_eval.py``), both run as a user runs them. Prints the recall of each anchor set on the train and
+val boxes and the mAP of each model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from efficientdet.anchor_fit import anchor_grid, best_anchor_iou, dataset_boxes, fit_anchors, yaml_lines  # noqa: E402
+from efficientdet.anchors import DEFAULT_RATIOS, DEFAULT_SCALES  # noqa: E402
+from efficientdet.config import get_model_config  # noqa: E402
+from efficientdet.dataset import CocoDataset  # noqa: E402
+from tools.make_shape_dataset import make_shape_dataset  # noqa: E402
+from utils.config.project import load_project, write_anchors  # noqa: E402
+from utils.weights.checkpoints import find_resume_point  # noqa: E402
+
+def project_text() -> str:
+    """``projects/shape.yml`` (the COCO anchors) made the ``bars`` project of the elongated set."""
+    text = (REPO / "projects" / "shape.yml").read_text(encoding="utf-8")
+    return text.replace("project_name: shape", "project_name: bars").replace("'circle'", "'ellipse'")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/anchor_fit"), help="work folder (default %(default)s)")
+    parser.add_argument("--size", type=int, default=256, help="image side and input size (default %(default)s)")
+    parser.add_argument("--num_train", type=int, default=400)
+    parser.add_argument("--num_val", type=int, default=100)
+    parser.add_argument("--aspect", type=float, nargs=2, default=(5.0, 8.0), metavar=("MIN", "MAX"))
+    parser.add_argument("--steps", type=int, default=600, help="training steps per anchor set (default %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--loss", choices=("official", "yaep"), default="official",
+                        help="official (default: every box force-matched to its best anchor) or yaep (the published "
+                             "loss: no forced matches)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    return parser.parse_args(argv)
+
+
+def recall(dataset: CocoDataset, scales, ratios, size: int) -> float:
+    boxes, _ = dataset_boxes(dataset, size)
+    return float(np.mean(best_anchor_iou(boxes, anchor_grid(get_model_config(0), scales, ratios, size)) >= 0.5))
+
+
+def train_and_evaluate(args: argparse.Namespace, name: str, project: Path) -> Dict[str, float]:
+    """``train.py`` then ``coco_eval.py`` on ``project``; returns the COCO metrics and the training time."""
+    run = args.out / name
+    data = str(args.out / "datasets")
+    common = ["-c", "0", "-p", str(project), "--data_path", data, "--input_size", str(args.size)]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "train.py"), *common, "--batch_size", str(args.batch_size),
+                    "--loss", args.loss, "--lr", "2e-3", "--lr_schedule", "cosine", "--bn_momentum", "0.1",
+                    "--num_epochs", "1000", "--max_steps", str(args.steps), "--val_interval", "0",
+                    "--save_interval", "0", "--seed", str(args.seed), "-n", "0", "--device", "cpu",
+                    "--saved_path", str(run / "ckpt"), "--log_path", str(run / "logs")], check=True)
+    seconds = time.perf_counter() - start
+    weights = find_resume_point(run / "ckpt" / "bars", 0).weights
+    metrics_file = run / "metrics.json"
+    subprocess.run([sys.executable, str(REPO / "coco_eval.py"), *common, "-w", str(weights), "--device", "cpu",
+                    "--output", str(run), "--save_json", str(metrics_file), "--no_progress"], check=True,
+                   stdout=subprocess.DEVNULL)
+    metrics = json.loads(metrics_file.read_text())
+    return {"mAP": metrics["AP"], "AP50": metrics["AP50"], "train_s": seconds}
+
+
+def run(args: argparse.Namespace) -> int:
+    root = args.out / "datasets" / "bars"
+    make_shape_dataset(root, args.num_train, args.num_val, args.size, args.seed, aspect=tuple(args.aspect))
+    projects = {"default": args.out / "bars_default.yml", "fitted": args.out / "bars_fitted.yml"}
+    for path in projects.values():
+        path.write_text(project_text())
+    train = CocoDataset(root, "train", load_project(projects["default"]), progress=False)
+    val = CocoDataset(root, "val", load_project(projects["default"]), progress=False)
+    default = anchor_grid(get_model_config(0), DEFAULT_SCALES, DEFAULT_RATIOS, args.size)
+    fitted = fit_anchors(dataset_boxes(train, args.size)[0], default)
+    write_anchors(projects["fitted"], yaml_lines(fitted))
+    rows: List[Dict[str, object]] = []
+    for name, path in projects.items():
+        project = load_project(path)
+        row: Dict[str, object] = {"anchors": name, "scales": project.anchors_scales, "ratios": project.anchors_ratios,
+                                  "train_recall": recall(train, project.anchors_scales, project.anchors_ratios, args.size),
+                                  "val_recall": recall(val, project.anchors_scales, project.anchors_ratios, args.size)}
+        row.update(train_and_evaluate(args, name, path))
+        rows.append(row)
+    print(f"D0 from scratch, {args.steps} steps, batch {args.batch_size}, input {args.size}, seed {args.seed}, "
+          f"--loss {args.loss}; "
+          f"{args.num_train} train / {args.num_val} val images, aspect {args.aspect[0]:g}-{args.aspect[1]:g}")
+    print(f"{'anchors':8s} {'train recall':>12s} {'val recall':>10s} {'mAP':>6s} {'AP50':>6s} {'train s':>8s}")
+    for row in rows:
+        print(f"{row['anchors']:8s} {row['train_recall']:12.4f} {row['val_recall']:10.4f} {row['mAP']:6.3f} "
+              f"{row['AP50']:6.3f} {row['train_s']:8.0f}")
+    print(f"mAP fitted / default: {rows[1]['mAP'] / max(rows[0]['mAP'], 1e-9):.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(parse_args()))
