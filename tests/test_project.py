@@ -214,3 +214,26 @@ def test_pool_padding_and_loss_are_typed_choices(tmp_path):
     data["pool_padding"] = "zeros"
     with pytest.raises(ValueError, match=r"key 'pool_padding': expected one of published, official \(got 'zeros'\)"):
         load_project(_write(tmp_path, data))
+
+
+def test_write_anchors_keeps_every_other_line(tmp_path):
+    """The anchors of a project YAML replaced in place (block-list form too), comments and keys kept; a file
+    missing a key or whose result does not load is left untouched, with an error naming it."""
+    from utils.config.project import write_anchors
+
+    original = (PROJECTS_DIR / "shape.yml").read_text()
+    text = original.replace("anchors_ratios: '[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]'",
+                            "anchors_ratios:\n  - [1.0, 1.0]\n  - [1.4, 0.7]\n  - [0.7, 1.4]")
+    path = tmp_path / "p.yml"
+    path.write_text(text)
+    write_anchors(path, ["anchors_scales: '[0.5, 1.0, 2.0]'", "anchors_ratios: '[(2.0, 0.5), (1.0, 1.0), (0.5, 2.0)]'"])
+    project = load_project(path)
+    assert project.anchors_scales == (0.5, 1.0, 2.0) and project.anchors_ratios == ((2.0, 0.5), (1.0, 1.0), (0.5, 2.0))
+    kept = [l for l in original.splitlines() if not l.startswith("anchors_")]
+    assert [l for l in path.read_text().splitlines() if not l.startswith("anchors_")] == kept
+    with pytest.raises(ValueError, match="anchors_scales"):
+        write_anchors(path, ["anchors_scales: '[-1.0]'", "anchors_ratios: '[(1.0, 1.0)]'"])
+    assert load_project(path).anchors_scales == (0.5, 1.0, 2.0) and not list(tmp_path.glob(".*.tmp"))
+    path.write_text("\n".join(l for l in original.splitlines() if not l.startswith("anchors_ratios")))
+    with pytest.raises(ValueError, match="no anchors_ratios entry"):
+        write_anchors(path, ["anchors_scales: '[1.0]'", "anchors_ratios: '[(1.0, 1.0)]'"])

@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{config.name} at input {size}: {len(boxes)} boxes in {len(dataset)} images of "
           f"{dataset.annotation_file}")
     print("\n".join(format_report(before, "project anchors")))
+    print(f"  (a box below 0.5: never a positive with --loss yaep, not learned; with --loss official its best anchor "
+          f"is forced to be its only positive; this project trains with {project.loss})")
     proposed = fit_anchors(boxes, current, args.num_scales, args.num_ratios)
     after = measure_anchors(boxes, labels, project.obj_list, proposed)
     print("\n".join(format_report(after, "proposed anchors")))
