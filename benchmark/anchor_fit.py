@@ -29,7 +29,7 @@ from efficientdet.anchor_fit import anchor_grid, best_anchor_iou, dataset_boxes,
 from efficientdet.anchors import DEFAULT_RATIOS, DEFAULT_SCALES  # noqa: E402
 from efficientdet.config import get_model_config  # noqa: E402
 from efficientdet.dataset import CocoDataset  # noqa: E402
-from tools.make_shape_dataset import make_shape_dataset  # noqa: E402
+from efficientdet.synthetic import make_shape_dataset  # noqa: E402
 from utils.config.project import load_project, write_anchors  # noqa: E402
 from utils.weights.checkpoints import find_resume_point  # noqa: E402
 

@@ -14,7 +14,7 @@ from efficientdet.config import get_model_config
 from efficientdet.dataset import CocoDataset, Resizer
 from tests.conftest import REPO
 from tools.fit_anchors import main as fit_main, parse_args as fit_parse_args
-from tools.make_shape_dataset import make_shape_dataset
+from efficientdet.synthetic import make_shape_dataset
 from utils.config.project import load_project
 
 D0 = get_model_config(0)

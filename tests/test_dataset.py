@@ -16,7 +16,8 @@ from efficientdet.dataset import (TAIL_BYTES, Augmenter, BadImageError, CocoData
                                   Normalizer, RandomScaleCrop, Resizer, build_transform, collater,
                                   create_dataloaders, inspect_image_file, letterbox_size, read_image, takes_rng,
                                   verify_image_files, verify_images)
-from tools.make_shape_dataset import make_shape_dataset, parse_args as make_shape_parse_args, main as make_shape_main
+from efficientdet.synthetic import make_shape_dataset
+from tools.make_shape_dataset import main as make_shape_main, parse_args as make_shape_parse_args
 from utils.config.project import load_project
 
 MEAN = (0.485, 0.456, 0.406)
