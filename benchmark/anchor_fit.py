@@ -108,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['anchors']:8s} {row['train_recall']:12.4f} {row['val_recall']:10.4f} {row['mAP']:6.3f} "
               f"{row['AP50']:6.3f} {row['train_s']:8.0f}")
-    print(f"mAP fitted / default: {rows[1]['mAP'] / max(rows[0]['mAP'], 1e-9):.2f}")
+    if rows[0]["mAP"] > 0:
+        print(f"mAP fitted / default: {rows[1]['mAP'] / rows[0]['mAP']:.2f}")
+    else:
+        print(f"mAP fitted {rows[1]['mAP']:.3f}, default 0: the default anchors learned nothing")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
