@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     projects = {"default": args.out / "bars_default.yml", "fitted": args.out / "bars_fitted.yml"}
     for path in projects.values():
         path.write_text(project_text())
-    train = CocoDataset(root, "train", load_project(projects["default"]), progress=False)
-    val = CocoDataset(root, "val", load_project(projects["default"]), progress=False)
+    train = CocoDataset(root, "train", load_project(projects["default"]), verify_images=False, progress=False)
+    val = CocoDataset(root, "val", load_project(projects["default"]), verify_images=False, progress=False)
     default = anchor_grid(get_model_config(0), DEFAULT_SCALES, DEFAULT_RATIOS, args.size)
     fitted = fit_anchors(dataset_boxes(train, args.size)[0], default)
     write_anchors(projects["fitted"], yaml_lines(fitted))

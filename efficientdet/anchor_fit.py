@@ -15,17 +15,17 @@ it poorly; the BPR counts such boxes as missed in both.
 
 :func:`fit_anchors` proposes ``anchors_scales`` and ``anchors_ratios`` (3 × 3 by default, the shape of the
 published heads): k-means on the boxes' log aspect ratios and log sizes for a start, then a coordinate
-search on the fitness (BPR, then mean best IoU) itself.
+search on the fitness (BPR + 0.1 × mean best IoU) itself.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from efficientdet.anchors import anchor_sizes
 from efficientdet.transforms import letterbox_size
 
 #: The positive IoU of both loss formulations (SPEC §5).
@@ -58,9 +58,8 @@ class AnchorGrid:
     def shapes(self) -> np.ndarray:
         """``np.ndarray[L, A, 2]`` (width, height) of every anchor shape per level, in the Anchors order
         (scale varying slowest)."""
-        pairs = list(itertools.product(self.scales, self.ratios))
-        return np.array([[[self.anchor_scale * stride * s * r[0], self.anchor_scale * stride * s * r[1]]
-                          for s, r in pairs] for stride in self.strides], dtype=np.float64)
+        return np.array([anchor_sizes(self.anchor_scale, stride, self.scales, self.ratios) for stride in self.strides],
+                        dtype=np.float64)
 
 
 def _nearest_centres(centres: np.ndarray, stride: int, side: int) -> np.ndarray:

@@ -9,7 +9,7 @@ Box notation used throughout the project:
 from __future__ import annotations
 
 import itertools
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,14 @@ DEFAULT_SCALES: Tuple[float, ...] = (2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0))
 DEFAULT_RATIOS: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4))
 # The official TF anchors: aspect ratios [1.0, 2.0, 0.5] as (sqrt(r), 1 / sqrt(r)) width/height stretches.
 OFFICIAL_RATIOS: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (2 ** 0.5, 2 ** -0.5), (2 ** -0.5, 2 ** 0.5))
+
+
+def anchor_sizes(anchor_scale: float, stride: int, scales: Sequence[float],
+                 ratios: Sequence[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """(width, height) in input pixels of the anchors of one level, ``anchor_scale · stride · scale · (rx, ry)``,
+    in the :class:`Anchors` order (scale varying slowest)."""
+    return [(anchor_scale * stride * s * r[0], anchor_scale * stride * s * r[1])
+            for s, r in itertools.product(scales, ratios)]
 
 
 class Anchors(nn.Module):
@@ -53,10 +61,9 @@ class Anchors(nn.Module):
             xs = torch.arange(stride / 2, width, stride, dtype=torch.float64)
             yc, xc = torch.meshgrid(ys, xs, indexing="ij")
             yc, xc = yc.reshape(-1, 1), xc.reshape(-1, 1)
-            half_w = torch.tensor([self.anchor_scale * stride * s * r[0] / 2.0
-                                   for s, r in itertools.product(self.scales, self.ratios)], dtype=torch.float64)
-            half_h = torch.tensor([self.anchor_scale * stride * s * r[1] / 2.0
-                                   for s, r in itertools.product(self.scales, self.ratios)], dtype=torch.float64)
+            sizes = anchor_sizes(self.anchor_scale, stride, self.scales, self.ratios)
+            half_w = torch.tensor([w / 2.0 for w, _ in sizes], dtype=torch.float64)
+            half_h = torch.tensor([h / 2.0 for _, h in sizes], dtype=torch.float64)
             boxes = torch.stack((yc - half_h, xc - half_w, yc + half_h, xc + half_w), dim=-1)
             levels.append(boxes.reshape(-1, 4))
         return torch.cat(levels, dim=0)

@@ -70,11 +70,16 @@ def to_unit_rgb(image: np.ndarray) -> np.ndarray:
     return image[..., ::-1] / PIXEL_DTYPE(255.0)
 
 
+def check_mean_std(mean: Sequence[float], std: Sequence[float]) -> None:
+    """ValueError unless ``mean`` and ``std`` hold 3 values each (R, G, B)."""
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std must have 3 values (R, G, B), got {list(mean)} and {list(std)}")
+
+
 def normalize(image: np.ndarray, mean: Sequence[float] = DEFAULT_MEAN,
               std: Sequence[float] = DEFAULT_STD) -> np.ndarray:
     """RGB ``np.ndarray[H, W, 3]`` in [0, 1] -> ``(image - mean) / std`` per channel, :data:`PIXEL_DTYPE`."""
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std must have 3 values (R, G, B), got {list(mean)} and {list(std)}")
+    check_mean_std(mean, std)
     mean_ = np.asarray(mean, dtype=PIXEL_DTYPE).reshape(1, 1, 3)
     std_ = np.asarray(std, dtype=PIXEL_DTYPE).reshape(1, 1, 3)
     return ((image.astype(PIXEL_DTYPE, copy=False) - mean_) / std_).astype(PIXEL_DTYPE, copy=False)

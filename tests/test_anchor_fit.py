@@ -176,3 +176,11 @@ def test_make_shape_dataset_elongated_option(elongated_project):
     assert aspect.min() >= 4.0 and aspect.max() <= 8.5 and len(sides) > 40
     with pytest.raises(ValueError, match="aspect"):
         make_shape_dataset(elongated_project / "x", 1, 1, size=64, aspect=(5.0, 20.0))
+
+
+def test_tool_refuses_an_input_size_the_network_cannot_take(elongated_project, capsys):
+    args = fit_parse_args(["-p", str(elongated_project / "bars.yml"), "--data_path",
+                           str(elongated_project / "datasets"), "--input_size", "200"])
+    assert fit_main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "multiples of 128" in err

@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:
 
 from efficientdet.anchor_fit import (anchor_grid, dataset_boxes, fit_anchors, format_report,  # noqa: E402
                                      measure_anchors, yaml_lines)
+from backbone import check_input_size  # noqa: E402
 from efficientdet.config import get_model_config  # noqa: E402
 from efficientdet.dataset import CocoDataset  # noqa: E402
 from utils.config.cli import add_model_args, run_script  # noqa: E402
@@ -44,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
     project = load_project(args.project)
     config = get_model_config(args.compound_coef)
     size = args.input_size or config.input_size
-    dataset = CocoDataset(Path(args.data_path) / project.project_name, project.train_set, project, progress=False)
+    check_input_size(config, size, size)  # a size the network cannot take is an error, not a report
+    # Only the annotations and the image sizes they record are read: no image file is opened.
+    dataset = CocoDataset(Path(args.data_path) / project.project_name, project.train_set, project,
+                          verify_images=False, progress=False)
     boxes, labels = dataset_boxes(dataset, size)
     current = anchor_grid(config, project.anchors_scales, project.anchors_ratios, size)
     before = measure_anchors(boxes, labels, project.obj_list, current)

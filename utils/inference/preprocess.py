@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from efficientdet.image_files import read_image as _read_checked_image
-from efficientdet.transforms import DEFAULT_MEAN, DEFAULT_STD, letterbox, normalize, to_unit_rgb
+from efficientdet.transforms import DEFAULT_MEAN, DEFAULT_STD, check_mean_std, letterbox, normalize, to_unit_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -154,7 +154,7 @@ def preprocess(images: ImageInput, input_size: SizeSpec, mean: Sequence[float] =
         ValueError: unreadable image, bad array, bad size, or no images; the message names the image.
     """
     canvas_h, canvas_w = canvas_size(input_size)
-    normalize(np.zeros((1, 1, 3), np.float32), mean, std)  # a bad mean/std is an error before any file is read
+    check_mean_std(mean, std)  # before any file is read
     originals, sources = load_images(images)
     canvases, metas = [], []
     for image, source in zip(originals, sources):
