@@ -1,4 +1,4 @@
-"""Convert an official (google/automl) EfficientDet TensorFlow checkpoint into our state_dict (SPEC §9).
+"""Convert an official (google/automl) EfficientDet TensorFlow checkpoint into our state_dict.
 
     python convert_official.py -c 0 --ckpt efficientdet-d0/ -o weights/efficientdet-d0-official.pth
 

@@ -1,11 +1,11 @@
-"""Inference speed of EfficientDet D0–D7x per inference mode, post-processing included (SPEC §7 method).
+"""Inference speed of EfficientDet D0–D7x per inference mode, post-processing included (the published method).
 
     python benchmark/benchmark.py -c 0                                  # D0, 512x512, batch 1, 2 threads
     python benchmark/benchmark.py -c 0 --batch_sizes 1 8 --modes eager fastest   # images/s batch 8 vs 1
     python benchmark/benchmark.py -c 0 --modes eager fastest --batch_size 1 --json out.json
     python benchmark/benchmark.py -c 0 --onnx                           # also an ONNX Runtime session
 
-Method (SPEC §7): the same random (B, 3, S, S) tensor for every run; per mode one warm-up inference,
+Method (the published one): the same random (B, 3, S, S) tensor for every run; per mode one warm-up inference,
 then ``--runs`` consecutive timed runs of forward + post-processing (:func:`utils.inference.postprocess.postprocess`,
 numpy detections out, so CUDA work is finished). This is repeated in ``--rounds`` rounds, the modes taking
 turns within each round, so that load from other processes spreads evenly over the modes; statistics are

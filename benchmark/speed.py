@@ -1,4 +1,4 @@
-"""The timing machinery of ``benchmark/benchmark.py`` (SPEC §7 method): the same input for every mode, one
+"""The timing machinery of ``benchmark/benchmark.py`` (the published method): the same input for every mode, one
 warm-up then consecutive timed runs of forward + post-processing, in rounds with the modes taking turns; the
 runner of each mode is the inference path of every script (:class:`utils.inference.modes.InferenceModel`,
 :func:`utils.inference.postprocess.postprocess`)."""
@@ -22,7 +22,7 @@ from utils.inference.modes import InferenceModel, bf16_supported, mode_name, par
 from utils.inference.postprocess import Detections, postprocess
 from utils.weights.loading import load_weights
 
-DEFAULT_RUNS = 10  # SPEC §7: one warm-up, then 10 timed runs
+DEFAULT_RUNS = 10  # the published method: one warm-up, then 10 timed runs
 DEFAULT_ROUNDS = 3
 DEFAULT_THRESHOLD = 0.2
 DEFAULT_IOU_THRESHOLD = 0.2
@@ -61,7 +61,7 @@ class Result:
 
     def summary(self, eager_ms: Optional[float]) -> Dict[str, object]:
         return {"mode": self.mode, "batch_size": self.batch_size, "median_ms": self.median_ms,
-                "mean_ms": statistics.fmean(self.times_ms),  # SPEC §7 reports the mean
+                "mean_ms": statistics.fmean(self.times_ms),  # the published figures are means
                 "min_ms": min(self.times_ms), "max_ms": max(self.times_ms), "images_per_s": self.images_per_s,
                 "memory_mib": self.memory_mib, "detections": self.detections,
                 "differing_images": self.differing_images,
@@ -147,7 +147,7 @@ def benchmark(base: EfficientDet, modes: Sequence[str], batch_size: int, size: i
               onnx_path: Optional[str] = None, rounds: int = DEFAULT_ROUNDS) -> List[Result]:
     """Time every mode on the same (batch_size, 3, size, size) tensor; the first mode is the reference.
 
-    Per round and mode: one warm-up inference, then ``runs`` consecutive timed runs (SPEC §7): every mode is
+    Per round and mode: one warm-up inference, then ``runs`` consecutive timed runs (as published): every mode is
     timed in its steady state, as when a script runs it over many images."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn((batch_size, 3, size, size), generator=generator).to(device)

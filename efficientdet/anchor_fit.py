@@ -8,7 +8,7 @@ in x and in y separately, so the best anchor of each shape is the one centred at
 box centre: the best IoU is exact, without building the ``N`` anchors.
 
 The best-possible recall (BPR) is the share of boxes whose best anchor reaches the positive IoU (0.5 in both
-loss formulations, SPEC §5). The published loss ("yaep") has no forced matches: a box below it is never a
+loss formulations). The published loss ("yaep") has no forced matches: a box below it is never a
 positive, the network is never taught to find it. The official loss force-matches every box to its best
 anchor, so every box gets one positive, but a box below 0.5 gets only that one, from an anchor that overlaps
 it poorly; the BPR counts such boxes as missed in both.
@@ -28,7 +28,7 @@ import numpy as np
 from efficientdet.anchors import anchor_sizes
 from efficientdet.transforms import letterbox_size
 
-#: The positive IoU of both loss formulations (SPEC §5).
+#: The positive IoU of both loss formulations (DEVELOPING.md, 'The two losses').
 POSITIVE_IOU = 0.5
 #: Below this best-possible recall ``train.py`` warns.
 MIN_RECALL = 0.95

@@ -1,4 +1,4 @@
-"""Anchors and box coding (SPEC §1, §3).
+"""Anchors and box coding, as published (DEVELOPING.md, Faithfulness).
 
 Box notation used throughout the project:
 

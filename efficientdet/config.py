@@ -1,4 +1,4 @@
-"""The EfficientDet family in one frozen table (SPEC §1): every per-model number lives here."""
+"""The EfficientDet family in one frozen table (DEVELOPING.md, 'Model family'): every per-model number lives here."""
 from __future__ import annotations
 
 from dataclasses import dataclass

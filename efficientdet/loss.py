@@ -1,4 +1,4 @@
-"""Detection loss: sigmoid focal loss plus a box regression loss (SPEC §5).
+"""Detection loss: sigmoid focal loss plus a box regression loss (DEVELOPING.md, 'The two losses').
 
 Two formulations, selected by ``DetectionLoss(formulation=...)``:
 

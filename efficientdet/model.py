@@ -52,7 +52,7 @@ class SeparableConvBlock(nn.Module):
 
 
 def _down_channel(in_channels: int, out_channels: int) -> nn.Sequential:
-    """1×1 conv + BN that brings a backbone feature to the BiFPN width (SPEC trap 5)."""
+    """1×1 conv + BN that brings a backbone feature to the BiFPN width (the BN is part of the official graph)."""
     return nn.Sequential(Conv2dStaticSamePadding(in_channels, out_channels, 1), batch_norm(out_channels))
 
 
@@ -62,12 +62,12 @@ class BiFPN(nn.Module):
     Top-down nodes ``conv{L}_up`` (L = max−1 … min) fuse the level's input with the upsampled node
     above; bottom-up nodes ``conv{L}_down`` (L = min+1 … max) fuse the level's input, its top-down
     node (where there is one) and the max-pooled output below. Each fusion is followed by swish and a
-    SeparableConvBlock (SPEC trap 8). With ``weighted=True`` the inputs are combined by fast
-    normalised fusion ``Σ relu(w_i) x_i / (Σ relu(w_j) + 1e-4)`` (trap 10), otherwise summed.
+    SeparableConvBlock (DEVELOPING.md, trap 8). With ``weighted=True`` the inputs are combined by fast
+    normalised fusion ``Σ relu(w_i) x_i / (Σ relu(w_j) + 1e-4)`` (DEVELOPING.md, trap 10), otherwise summed.
 
     The first cell (``first_time=True``) takes the backbone's (P3, P4, P5): it down-channels them,
     builds P6 from P5 (1×1 conv + BN + pool) and the levels above by pooling, and down-channels P4
-    and P5 a second time, with separate weights, for the bottom-up nodes (trap 9).
+    and P5 a second time, with separate weights, for the bottom-up nodes (DEVELOPING.md, trap 9).
     """
 
     def __init__(self, num_channels: int, conv_channels: Sequence[int] = (), first_time: bool = False,
@@ -172,7 +172,7 @@ class BiFPN(nn.Module):
 
 
 class Head(nn.Module):
-    """Shared-weight prediction head over all pyramid levels (SPEC trap 11).
+    """Shared-weight prediction head over all pyramid levels (DEVELOPING.md, trap 11).
 
     ``num_layers`` SeparableConvBlocks shared across levels, each followed by a per-level BN and
     swish, then a shared output SeparableConvBlock with ``num_anchors × num_outputs`` channels.

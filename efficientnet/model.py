@@ -16,7 +16,7 @@ from .utils import BN_EPS, BN_MOMENTUM, Conv2dStaticSamePadding, Swish, drop_con
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
-    """BatchNorm with the official graph's momentum and epsilon (SPEC trap 2)."""
+    """BatchNorm with the official graph's momentum and epsilon (TF momentum 0.99 = PyTorch 0.01, eps 1e-3)."""
     return nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, eps=BN_EPS)
 
 
@@ -126,7 +126,7 @@ class EfficientNet(nn.Module):
     """EfficientNet-B``variant`` feature extractor (stem + MBConv blocks).
 
     ``forward`` returns the feature maps that feed a feature pyramid: the output of the last block
-    before each stride-2 block, and the output of the final block (SPEC trap 6). For every variant
+    before each stride-2 block, and the output of the final block (DEVELOPING.md, trap 6). For every variant
     these are at strides 2, 4, 8, 16, 32.
     """
 

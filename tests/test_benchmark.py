@@ -33,7 +33,7 @@ def test_benchmark_json_and_table(tmp_path, capsys):
 
 
 def test_each_round_warms_up_then_times_consecutive_runs_per_mode(monkeypatch):
-    # SPEC §7 per mode: one warm-up, then the timed runs back to back (not interleaved with other modes).
+    # The published method per mode: one warm-up, then the timed runs back to back (not interleaved with other modes).
     calls = []
     real_runner_for = speed._runner_for
 

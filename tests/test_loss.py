@@ -1,4 +1,4 @@
-"""The detection loss (efficientdet/loss.py): both formulations of SPEC §5.
+"""The detection loss (efficientdet/loss.py): both formulations (yaep and official).
 
 Expected values are written out by hand (closed-form focal / smooth-L1 / Huber terms with ``math``);
 the vectorised loss is compared with straightforward per-image references written here from the

@@ -13,7 +13,7 @@ The steps::
     print(format_metrics(metrics, project.obj_list))
 
 or :func:`evaluate_detector` for all three. Classes: ``obj_list[i]`` is COCO ``category_id = i + 1``
-(SPEC §3). Boxes: :class:`utils.inference.detector.Detections` hold ``(x1, y1, x2, y2)`` in original image
+(as published). Boxes: :class:`utils.inference.detector.Detections` hold ``(x1, y1, x2, y2)`` in original image
 pixels; COCO result records hold ``bbox = [x, y, w, h]`` (COCO xywh appears only here).
 
 pycocotools prints while it works; everything it prints is captured and sent to ``logging`` (debug),
@@ -30,8 +30,9 @@ it and the offending id or value, never a silently different number: image ids m
 every annotation needs an integer ``id`` and ``image_id``, a ``category_id`` listed in ``categories`` (and,
 given the project's ``obj_list``, a class of the project) and a ``bbox`` of four finite numbers with width
 and height >= 0. Result records need integer ``image_id`` (of the annotation file) and ``category_id`` (of
-the project, given ``obj_list``), a finite ``score`` and a finite ``bbox`` with width and height >= 0.
-Results in a category of the project that the annotation file does not list are harmless (pycocotools
+the project, given ``obj_list``), a finite ``score`` and a finite ``bbox`` (a negative width or height, which
+the published clipping leaves on a box starting past the input's right or bottom edge, is counted in a
+warning and scored as pycocotools scores it: never matched). Results in a category of the project that the annotation file does not list are harmless (pycocotools
 scores only the listed categories, and a category without ground truth would add nothing), and so are
 annotations of images that ``images`` does not list (never evaluated): both are counted in a warning.
 
@@ -41,11 +42,10 @@ Modules: :mod:`.records` (files in and out, validated), :mod:`.cocoeval` (COCOev
 from utils.evaluation.cocoeval import STAT_NAMES, evaluate_coco, format_metrics, metrics_to_json, save_metrics_json
 from utils.evaluation.provenance import (PROVENANCE_FORMAT, PROVENANCE_SUFFIX, evaluation_provenance, file_sha256,
                                          provenance_mismatch, provenance_path, save_results)
-from utils.evaluation.records import (BOX_DECIMALS, RESULT_KEYS, SCORE_DECIMALS, detections_to_coco,
-                                      load_coco_annotations, load_results)
+from utils.evaluation.records import RESULT_KEYS, detections_to_coco, load_coco_annotations, load_results
 from utils.evaluation.runner import evaluate_detector, run_detector_on_set
 
-__all__ = ["BOX_DECIMALS", "PROVENANCE_FORMAT", "PROVENANCE_SUFFIX", "RESULT_KEYS", "SCORE_DECIMALS", "STAT_NAMES",
+__all__ = ["PROVENANCE_FORMAT", "PROVENANCE_SUFFIX", "RESULT_KEYS", "STAT_NAMES",
            "detections_to_coco", "evaluate_coco", "evaluate_detector", "evaluation_provenance", "file_sha256",
            "format_metrics", "load_coco_annotations", "load_results", "metrics_to_json", "provenance_mismatch",
            "provenance_path", "run_detector_on_set", "save_metrics_json", "save_results"]

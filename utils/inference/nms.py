@@ -1,4 +1,4 @@
-"""Non-maximum suppression with torchvision's semantics, torchvision optional (SPEC §3).
+"""Non-maximum suppression with torchvision's semantics, torchvision optional.
 
 ``batched_nms`` uses ``torchvision.ops.batched_nms`` when torchvision can be imported and a pure-PyTorch
 emulation otherwise that gives the same indices (the published post-processing calls torchvision):

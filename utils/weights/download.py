@@ -1,4 +1,4 @@
-"""Download of the published checkpoints (SPEC §3) into ``weights/``.
+"""Download of the published checkpoints (zylo117's release page) into ``weights/``.
 
 A download streams into a temporary file in the destination folder and is renamed onto the final name
 (``os.replace``) only after the size (``Content-Length``) and, when given, the SHA-256 check out: a partial

@@ -1,4 +1,4 @@
-"""Read TensorFlow checkpoint bundles (``model.index`` + ``model.data-*``) without TensorFlow (SPEC §9).
+"""Read TensorFlow checkpoint bundles (``model.index`` + ``model.data-*``) without TensorFlow.
 
 A bundle is a prefix ``P`` with
 

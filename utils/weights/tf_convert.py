@@ -1,4 +1,4 @@
-"""The official (google/automl) EfficientDet TensorFlow variables mapped onto our state_dict (SPEC §9),
+"""The official (google/automl) EfficientDet TensorFlow variables mapped onto our state_dict,
 beside the checkpoint reader (:mod:`utils.weights.tf_checkpoint`); ``convert_official.py`` is the command line.
 
 The released numbers use the ``NAME/ExponentialMovingAverage`` shadows; each variable is taken from
