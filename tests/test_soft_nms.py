@@ -1,4 +1,5 @@
-"""utils/inference/soft_nms.py against a brute-force numpy reference of automl's ``nms_np`` gaussian soft-NMS."""
+"""utils/inference/soft_nms.py against written-out references of automl's ``nms_np`` gaussian soft-NMS: a torch
+loop (the same float operations, so exact equality) and a brute-force numpy float64 one."""
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -6,9 +7,75 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from efficientdet.anchors import Anchors
-from utils.inference.soft_nms import official_postprocess, soft_nms
+from utils.inference.soft_nms import batched_soft_nms, official_postprocess, soft_nms
+
+
+def torch_reference_soft_nms(boxes: Tensor, scores: Tensor, sigma: float = 0.5, threshold: float = 0.001,
+                             max_output: int = 100) -> Tuple[Tensor, Tensor]:
+    """The published loop, one box per step over every box: keep the highest alive score (ties: lowest index),
+    multiply every other alive score by exp(-iou**2 / sigma), "+1" pixel areas, drop scores under threshold."""
+    current = scores.clone()
+    alive = current >= threshold
+    keep, kept = [], []
+    while len(keep) < max_output and bool(alive.any()):
+        best = int(torch.argmax(torch.where(alive, current, torch.tensor(float("-inf"), dtype=current.dtype))))
+        keep.append(best)
+        kept.append(current[best])
+        alive[best] = False
+        b = boxes[best]
+        w = (torch.minimum(b[2], boxes[:, 2]) - torch.maximum(b[0], boxes[:, 0]) + 1).clamp(min=0)
+        h = (torch.minimum(b[3], boxes[:, 3]) - torch.maximum(b[1], boxes[:, 1]) + 1).clamp(min=0)
+        inter = w * h
+        area = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+        areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+        iou = inter / (area + areas - inter)
+        current = torch.where(alive, current * torch.exp(-(iou * iou) / sigma), current)
+        alive &= current >= threshold
+    return torch.tensor(keep, dtype=torch.long), torch.stack(kept) if kept else scores.new_zeros((0,))
+
+
+def torch_reference_per_class(boxes: Tensor, scores: Tensor, classes: Tensor, max_output: int = 100,
+                              **kwargs) -> Tuple[Tensor, Tensor]:
+    """Soft-NMS of each class alone (ascending class), then the max_output best over all (stable: ties keep
+    class order, then pick order)."""
+    all_keep, all_scores = [torch.zeros(0, dtype=torch.long)], [scores.new_zeros((0,))]
+    for cls in torch.unique(classes).tolist():
+        members = torch.nonzero(classes == cls).squeeze(1)
+        keep, kept = torch_reference_soft_nms(boxes[members], scores[members], max_output=max_output, **kwargs)
+        all_keep.append(members[keep])
+        all_scores.append(kept)
+    keep, kept = torch.cat(all_keep), torch.cat(all_scores)
+    order = torch.argsort(kept, descending=True, stable=True)[:max_output]
+    return keep[order], kept[order]
+
+
+def make_candidates(seed: int, count: int, num_classes: int, size: float = 256.0,
+                    dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor, Tensor]:
+    """Boxes jittered around a few objects (clusters of overlapping boxes), some on whole pixels, 5 % zero-width,
+    5 % copies of another box; classes skewed towards the first ones; long-tailed scores (some under 0.001),
+    30 % rounded to sixteenths (exact ties, within and across classes)."""
+    g = torch.Generator().manual_seed(seed)
+    objects = max(2, count // 50)
+    centre = torch.rand(objects, 2, generator=g, dtype=torch.float64) * size
+    half = 4 + torch.rand(objects, 2, generator=g, dtype=torch.float64) * size / 4
+    owner = torch.randint(objects, (count,), generator=g)
+    jitter = torch.randn(count, 4, generator=g, dtype=torch.float64) * 0.15 * half[owner].repeat(1, 2)
+    boxes = (torch.cat([centre[owner] - half[owner], centre[owner] + half[owner]], 1) + jitter).clamp(0, size - 1)
+    boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
+    boxes = torch.where(torch.rand(count, 1, generator=g) < 0.3, boxes.round(), boxes)
+    flat = torch.rand(count, generator=g) < 0.05
+    boxes[flat, 2] = boxes[flat, 0]
+    copies = torch.nonzero(torch.rand(count, generator=g) < 0.05).squeeze(1)
+    boxes[copies] = boxes[torch.randint(count, (copies.numel(),), generator=g)]
+    skewed = (num_classes * torch.rand(count, generator=g) ** 2).long()
+    classes = torch.where(torch.rand(count, generator=g) < 0.7, owner % num_classes, skewed)
+    scores = torch.rand(count, generator=g, dtype=torch.float64) ** 4
+    tie = torch.rand(count, generator=g) < 0.3
+    scores[tie] = (scores[tie] * 16).round() / 16
+    return boxes.to(dtype), scores.to(dtype), classes
 
 
 def reference_soft_nms(boxes: np.ndarray, scores: np.ndarray, sigma: float = 0.5,
@@ -76,6 +143,77 @@ def test_soft_nms_matches_reference():
     assert (np.diff(new_scores.numpy()) <= 0).all()
 
 
+@pytest.mark.parametrize("seed, count, dtype", [(0, 300, torch.float32), (1, 200, torch.float64)])
+def test_soft_nms_equals_written_out_loop(seed, count, dtype):
+    """One class of clustered, tied and degenerate boxes: the same picks and bit-identical scores as the loop."""
+    boxes, scores, _ = make_candidates(seed, count, 1, dtype=dtype)
+    for max_output in (100, count):
+        keep, new_scores = soft_nms(boxes, scores, max_output=max_output)
+        ref_keep, ref_scores = torch_reference_soft_nms(boxes, scores, max_output=max_output)
+        assert torch.equal(keep, ref_keep) and torch.equal(new_scores, ref_scores)
+        assert new_scores.dtype == dtype
+
+
+@pytest.mark.parametrize("seed, count, num_classes, dtype", [(2, 600, 8, torch.float32), (3, 400, 5, torch.float64),
+                                                             (4, 300, 1, torch.float32), (5, 500, 30, torch.float32)])
+def test_batched_soft_nms_equals_per_class_loop(seed, count, num_classes, dtype):
+    """Per-class soft-NMS then the 100 best (stable): the same boxes, order and bit-identical scores."""
+    boxes, scores, classes = make_candidates(seed, count, num_classes, dtype=dtype)
+    keep, new_scores = batched_soft_nms(boxes, scores, classes)
+    ref_keep, ref_scores = torch_reference_per_class(boxes, scores, classes)
+    assert 0 < keep.numel() <= 100
+    assert torch.equal(keep, ref_keep) and torch.equal(new_scores, ref_scores)
+
+
+def test_batched_soft_nms_other_parameters_and_ties():
+    boxes, scores, classes = make_candidates(6, 400, 6)
+    saw_ties = False
+    for sigma, threshold, max_output in [(0.1, 0.001, 100), (2.0, 0.0, 1000), (0.5, 0.3, 100), (0.5, 0.001, 7)]:
+        keep, new_scores = batched_soft_nms(boxes, scores, classes, sigma, threshold, max_output)
+        ref_keep, ref_scores = torch_reference_per_class(boxes, scores, classes, max_output=max_output, sigma=sigma,
+                                                         threshold=threshold)
+        assert torch.equal(keep, ref_keep) and torch.equal(new_scores, ref_scores), (sigma, threshold, max_output)
+        saw_ties |= bool((new_scores[1:] == new_scores[:-1]).any())
+    assert saw_ties  # equal kept scores occur, so the tie order is exercised
+
+
+def test_batched_soft_nms_edge_cases():
+    empty = batched_soft_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    assert empty[0].shape == (0,) and empty[1].shape == (0,)
+    keep, new_scores = batched_soft_nms(torch.tensor([[1.0, 2.0, 5.0, 9.0]]), torch.tensor([0.4]), torch.tensor([3]))
+    assert keep.tolist() == [0] and new_scores.tolist() == [pytest.approx(0.4)]
+    below = batched_soft_nms(torch.rand(5, 4), torch.full((5,), 0.0005), torch.zeros(5, dtype=torch.long))
+    assert below[0].numel() == 0
+    assert batched_soft_nms(torch.rand(5, 4), torch.rand(5), torch.zeros(5, dtype=torch.long), max_output=0)[0].numel() == 0
+    with pytest.raises(ValueError, match="classes"):
+        batched_soft_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2, dtype=torch.long))
+
+
+def test_batched_soft_nms_same_scores_and_identical_boxes():
+    """Class 1: four copies of one box (IoU 1: each pick decays the rest by exp(-1 / 0.5)) and a lone box at 0.5;
+    class 0: three disjoint boxes, all at 0.5 (kept in index order, undecayed). Equal scores: class 0 first."""
+    same = [[10.0, 10.0, 29.0, 29.0]] * 4
+    disjoint = [[0.0, 0.0, 4.0, 4.0], [50.0, 50.0, 60.0, 60.0], [100.0, 0.0, 120.0, 9.0], [200.0, 200.0, 210.0, 210.0]]
+    boxes = torch.tensor(same + disjoint)
+    scores = torch.tensor([0.5, 0.8, 0.6, 0.9, 0.5, 0.5, 0.5, 0.5])
+    classes = torch.tensor([1, 1, 1, 1, 0, 0, 0, 1])
+    keep, new_scores = batched_soft_nms(boxes, scores, classes)
+    assert keep.tolist() == [3, 4, 5, 6, 7, 1, 2, 0]
+    e = np.exp(-2.0)
+    expected = [0.9, 0.5, 0.5, 0.5, 0.5, 0.8 * e, 0.6 * e ** 2, 0.5 * e ** 3]  # the last just above 0.001
+    np.testing.assert_allclose(new_scores.numpy(), expected, rtol=1e-6)
+    ref_keep, ref_scores = torch_reference_per_class(boxes, scores, classes)
+    assert torch.equal(keep, ref_keep) and torch.equal(new_scores, ref_scores)
+
+
+def test_soft_nms_keeps_the_thread_count():
+    threads = torch.get_num_threads()
+    boxes, scores, classes = make_candidates(7, 100, 3)
+    batched_soft_nms(boxes, scores, classes)
+    soft_nms(boxes, scores)
+    assert torch.get_num_threads() == threads
+
+
 def test_soft_nms_decays_overlaps_instead_of_removing_them():
     boxes = torch.tensor([[0.0, 0.0, 9.0, 9.0], [0.0, 0.0, 9.0, 4.0], [50.0, 50.0, 60.0, 60.0]])
     scores = torch.tensor([0.9, 0.8, 0.7])
@@ -131,3 +269,11 @@ def test_official_postprocess_few_candidates_and_shapes():
     assert result["rois"][1].tolist() == [20.0, 20.0, 40.0, 40.0]
     with pytest.raises(ValueError, match="classification"):
         official_postprocess(regression, classification[:, :2], anchors, 64)
+
+
+def test_benchmark_script_checks_equality(capsys):
+    from benchmark import soft_nms as bench
+
+    assert bench.main(bench.parse_args(["--images", "1", "--candidates", "300", "--classes", "5", "--repeats", "1"])) == 0
+    out = capsys.readouterr().out
+    assert "identical output (boxes, order, scores): 1/1 images" in out and "ms/image" in out

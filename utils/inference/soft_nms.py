@@ -24,8 +24,9 @@ project (x to ``[0, W − 1]``, y to ``[0, H − 1]``) before the NMS.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -40,15 +41,76 @@ OFFICIAL_MAX_CANDIDATES = 5000
 OFFICIAL_MAX_DETECTIONS = 100
 
 
-def pairwise_iou_plus_one(box: Tensor, boxes: Tensor) -> Tensor:
-    """IoU of ``box`` Tensor[4] with ``boxes`` Tensor[K, 4], both (x1, y1, x2, y2), with the "+1" pixel
-    convention of automl ``nms_np.py`` (a box from 0 to 9 is 10 pixels wide)."""
-    area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+def _check_soft_nms_args(boxes: Tensor, scores: Tensor, sigma: float, score_threshold: float) -> None:
+    if boxes.dim() != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be Tensor[K, 4] (x1, y1, x2, y2), got shape {tuple(boxes.shape)}")
+    if scores.shape != boxes.shape[:1]:
+        raise ValueError(f"scores must be Tensor[{boxes.shape[0]}], got shape {tuple(scores.shape)}")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    if score_threshold == float("-inf"):
+        raise ValueError("score_threshold must be above -inf (-inf marks discarded boxes)")
+
+
+def _soft_nms_steps(boxes: Tensor, scores: Tensor, segments: Optional[Tuple[List[int], List[int]]], sigma: float,
+                    score_threshold: float, max_output: int) -> Tuple[List[int], List[float]]:
+    """The gaussian soft-NMS loop over boxes Tensor[K, 4] (x1, y1, x2, y2) and scores Tensor[K] in the working dtype.
+
+    ``segments`` is ``(start, end)`` per box: the slice of boxes of its class (classes contiguous), or None for one
+    class. One step keeps the highest alive score over all classes (ties: lowest index, i.e. lowest class, then
+    lowest index within it) and decays only its own class, so the picks come in the order of a merge of the
+    per-class runs by descending score. Each alive score is multiplied by the same float32/64 operations, in the
+    same order, as a one-class-at-a-time loop over all boxes would: the results are bit-identical to it.
+    Discarded boxes hold -inf (``-inf * decay`` stays -inf or NaN, never alive again).
+    """
+    if scores.numel() == 0:
+        return [], []
+    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    masked = torch.where(scores >= score_threshold, scores, neg_inf)
     areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
-    w = (torch.minimum(box[2], boxes[:, 2]) - torch.maximum(box[0], boxes[:, 0]) + 1).clamp(min=0)
-    h = (torch.minimum(box[3], boxes[:, 3]) - torch.maximum(box[1], boxes[:, 1]) + 1).clamp(min=0)
-    inter = w * h
-    return inter / (area + areas - inter)
+    low, high = boxes[:, :2], boxes[:, 2:]
+    keep: List[int] = []
+    kept: List[float] = []
+    while len(keep) < max_output:
+        best = int(torch.argmax(masked))
+        score = float(masked[best])
+        if score == float("-inf"):
+            break  # every remaining score is under the threshold
+        keep.append(best)
+        kept.append(score)
+        masked[best] = neg_inf
+        start, end = (segments[0][best], segments[1][best]) if segments is not None else (0, masked.shape[0])
+        box = boxes[best]
+        # (min(x2) - max(x1) + 1).clamp(0) for x and y at once, then w * h: the "+1" intersection.
+        wh = (torch.minimum(box[2:], high[start:end]) - torch.maximum(box[:2], low[start:end]) + 1).clamp(min=0)
+        inter = wh[:, 0] * wh[:, 1]
+        iou = inter / (areas[best] + areas[start:end] - inter)
+        decayed = masked[start:end] * torch.exp(-(iou * iou) / sigma)
+        torch.where(decayed >= score_threshold, decayed, neg_inf, out=masked[start:end])
+    return keep, kept
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """One intra-op thread on the CPU while the loop runs: its tensors are small, and with several threads
+    ``torch.exp`` (torch 2.13 CPU wheel) enters a parallel region even for a few hundred elements, which stalls for
+    milliseconds per call when the cores are busy. Every operation is element-wise, so the values do not depend
+    on the thread count."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _working_dtype(boxes: Tensor, scores: Tensor) -> torch.dtype:
+    """The dtype decayed scores are computed in: scores' dtype promoted with the IoU's (the boxes' if floating)."""
+    iou_dtype = boxes.dtype if boxes.is_floating_point() else torch.get_default_dtype()
+    return torch.promote_types(scores.dtype, iou_dtype)
 
 
 def soft_nms(boxes: Tensor, scores: Tensor, sigma: float = OFFICIAL_SIGMA,
@@ -66,33 +128,53 @@ def soft_nms(boxes: Tensor, scores: Tensor, sigma: float = OFFICIAL_SIGMA,
 
     Returns:
         ``(keep, new_scores)``: LongTensor[M] indices into ``boxes`` in the order they were kept
-        (descending new score) and Tensor[M] their decayed scores.
+        (descending new score) and Tensor[M] their decayed scores (dtype of ``scores`` promoted with the boxes').
 
-    Ties between equal scores go to the lower index.
+    Ties between equal scores go to the lower index. Each step computes the IoU of the kept box with the
+    alive boxes only and stops as soon as every remaining score is under ``score_threshold``.
     """
-    if boxes.dim() != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must be Tensor[K, 4] (x1, y1, x2, y2), got shape {tuple(boxes.shape)}")
-    if scores.shape != boxes.shape[:1]:
-        raise ValueError(f"scores must be Tensor[{boxes.shape[0]}], got shape {tuple(scores.shape)}")
-    if sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    current = scores.clone()
-    alive = current >= score_threshold
-    keep: List[int] = []
-    kept_scores: List[Tensor] = []
-    neg_inf = torch.tensor(float("-inf"), dtype=current.dtype, device=current.device)
-    while len(keep) < max_output and bool(alive.any()):
-        masked = torch.where(alive, current, neg_inf)
-        best = int(torch.argmax(masked))
-        keep.append(best)
-        kept_scores.append(current[best])
-        alive[best] = False
-        iou = pairwise_iou_plus_one(boxes[best], boxes)
-        current = torch.where(alive, current * torch.exp(-(iou * iou) / sigma), current)
-        alive &= current >= score_threshold
-    index = torch.tensor(keep, dtype=torch.long, device=boxes.device)
-    new_scores = torch.stack(kept_scores) if kept_scores else scores.new_zeros((0,))
-    return index, new_scores
+    _check_soft_nms_args(boxes, scores, sigma, score_threshold)
+    dtype = _working_dtype(boxes, scores)
+    with torch.no_grad(), _one_thread(scores.device):
+        keep, kept = _soft_nms_steps(boxes.detach(), scores.detach().to(dtype), None, sigma,
+                                     score_threshold, max_output)
+    return (torch.tensor(keep, dtype=torch.long, device=boxes.device),
+            torch.tensor(kept, dtype=dtype, device=scores.device))
+
+
+def batched_soft_nms(boxes: Tensor, scores: Tensor, classes: Tensor, sigma: float = OFFICIAL_SIGMA,
+                     score_threshold: float = OFFICIAL_SCORE_THRESHOLD,
+                     max_output: int = OFFICIAL_MAX_DETECTIONS) -> Tuple[Tensor, Tensor]:
+    """:func:`soft_nms` of each class, then the ``max_output`` highest decayed scores over all classes
+    (automl ``nms_np.per_class_nms``).
+
+    Args:
+        boxes: Tensor[K, 4] (x1, y1, x2, y2), input pixels.
+        scores: Tensor[K].
+        classes: LongTensor[K] class of each box.
+        sigma, score_threshold: as :func:`soft_nms`.
+        max_output: boxes kept over all classes.
+
+    Returns:
+        ``(keep, new_scores)``: LongTensor[M] indices into ``boxes`` by descending new score (ties: lower class
+        first, then the order that class kept them) and Tensor[M] their decayed scores, M ≤ max_output: the same
+        as running :func:`soft_nms` on each class and sorting the union stably. A kept box's class decays alone,
+        so at most ``max_output`` steps run in all.
+    """
+    _check_soft_nms_args(boxes, scores, sigma, score_threshold)
+    if classes.shape != scores.shape:
+        raise ValueError(f"classes must be Tensor[{scores.shape[0]}], got shape {tuple(classes.shape)}")
+    dtype = _working_dtype(boxes, scores)
+    with torch.no_grad(), _one_thread(scores.device):
+        order = torch.argsort(classes, stable=True)  # classes contiguous, each in input order
+        _, counts = torch.unique_consecutive(classes[order], return_counts=True)
+        ends = torch.cumsum(counts, 0)
+        starts = torch.repeat_interleave(ends - counts, counts).tolist()
+        ends = torch.repeat_interleave(ends, counts).tolist()
+        keep, kept = _soft_nms_steps(boxes.detach()[order], scores.detach()[order].to(dtype), (starts, ends),
+                                     sigma, score_threshold, max_output)
+    keep_index = torch.tensor(keep, dtype=torch.long, device=order.device)
+    return order[keep_index], torch.tensor(kept, dtype=dtype, device=scores.device)
 
 
 def _image_hw(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -156,20 +238,5 @@ def _image_detections(boxes: Tensor, classification: Tensor, max_candidates: int
     anchor_index = top_index // num_classes
     classes = top_index % num_classes
     cand_boxes = boxes[anchor_index]
-    all_keep: List[Tensor] = []
-    all_scores: List[Tensor] = []
-    for cls in torch.unique(classes).tolist():
-        members = torch.nonzero(classes == cls).squeeze(1)
-        keep, new_scores = soft_nms(cand_boxes[members], top_scores[members], sigma, score_threshold,
-                                    max_detections)
-        all_keep.append(members[keep])
-        all_scores.append(new_scores)
-    if all_keep:
-        keep = torch.cat(all_keep)
-        scores = torch.cat(all_scores)
-        order = torch.argsort(scores, descending=True, stable=True)[:max_detections]
-        keep, scores = keep[order], scores[order]
-    else:
-        keep = top_index.new_zeros((0,))
-        scores = top_scores.new_zeros((0,))
+    keep, scores = batched_soft_nms(cand_boxes, top_scores, classes, sigma, score_threshold, max_detections)
     return {"rois": cand_boxes[keep], "class_ids": classes[keep], "scores": scores}
