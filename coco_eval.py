@@ -2,24 +2,20 @@
 
     python coco_eval.py -c 0 -p coco -w weights/efficientdet-d0.pth
 
-The published command line works with its published meaning: ``-p/--project``, ``-c/--compound_coef``,
-``-w/--weights``, ``--nms_threshold``, ``--cuda BOOL`` (default True: CUDA when there is one, else the CPU
-with a printed note; False: the CPU), ``--device N`` (the CUDA device index; ``cpu``, ``cuda``, ``cuda:N``
-also work), ``--float16 BOOL`` and ``--override BOOL`` (default True: run the model and overwrite the
-results file). Booleans take ``True``/``False`` (also ``true/false``, ``1/0``; a bare ``--flag`` is True).
+The published options keep their meaning: ``-p``, ``-c``, ``-w``, ``--nms_threshold``, ``--cuda BOOL`` (default
+True: CUDA, else the CPU with a note), ``--device N`` (or ``cpu``, ``cuda:N``), ``--float16 BOOL``, ``--override
+BOOL`` (default True: run the model); booleans also take ``true/false``, ``1/0``, a bare ``--flag``. Data as
+published: ``{data_path}/{project_name}/{val_set}/`` and ``.../annotations/instances_{val_set}.json``.
 
-Dataset layout (as published): images in ``{data_path}/{project_name}/{val_set}/``, annotations in
-``{data_path}/{project_name}/annotations/instances_{val_set}.json``.
-
-The detections go to ``{output}/{val_set}_bbox_results.json`` (``--output``: default the current directory,
-as published) with a provenance record beside it (:func:`utils.evaluation.evaluation_provenance`: hashes of
-weights, annotations and results, and every setting that shapes them), both written atomically.
-``--override False`` re-scores that file without running the model only when its record proves the same
-weights, annotations and settings; otherwise the model runs and one line says why (published: re-scored
-whatever file was there, even one of other weights).
-
-Prints pycocotools' 12 numbers and each class's AP (``--save_json``: also as JSON). A checkpoint of another class
-count, or holding NaN or inf values, is refused (one line naming the layer or tensor).
+The detections are the published evaluation's: ``preprocess`` -> model -> ``postprocess`` (boxes clipped to
+the network input) -> ``invert_affine`` -> xywh, each value the float32 number the published script writes;
+``--clip_boxes`` also clips boxes to the original image. They go to ``{output}/{val_set}_bbox_results.json``
+(default: the current directory) with a provenance record beside it (:func:`utils.evaluation.evaluation_provenance`:
+hashes of weights, annotations and results, every setting that shapes them, ``--clip_boxes`` included), both
+written atomically. ``--override False`` re-scores that file without running the model only when its record
+proves the same weights, annotations and settings; otherwise the model runs and one line says why (published:
+re-scored whatever file was there). Prints pycocotools' 12 numbers and each class's AP (``--save_json``: also as
+JSON). A checkpoint of another class count, or holding NaN or inf values, is refused (one line naming it).
 """
 from __future__ import annotations
 
@@ -58,6 +54,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add_bool_arg(parser, "--override", default=True,
                  help="True: run the model and overwrite {val_set}_bbox_results.json (published); False: re-score "
                       "that file when its provenance record shows the same weights and settings, else run the model")
+    add_bool_arg(parser, "--clip_boxes", help="clip boxes to the original image (published: to the network input only)")
     add_bool_arg(parser, "--cuda", default=True,
                  help="True: CUDA (device --device), or the CPU with a note where there is no CUDA; False: the CPU")
     parser.add_argument("--output", default=".",
@@ -88,7 +85,7 @@ def compute_results(args: argparse.Namespace, project: ProjectConfig, image_dir:
     detector = Detector.from_checkpoint(args.compound_coef, weights, project, input_size=args.input_size,
                                         device=device, float16=args.float16,
                                         threshold=args.threshold, iou_threshold=args.nms_threshold,
-                                        nms=args.nms, mode=args.mode)
+                                        nms=args.nms, mode=args.mode, clip_to_image=bool(args.clip_boxes))
     image_ids, detections = run_detector_on_set(detector, image_dir, ann_file, args.batch_size,
                                                 args.max_images, progress=not args.no_progress)
     return image_ids, detections_to_coco(image_ids, detections, project.obj_list)
@@ -109,7 +106,8 @@ def evaluate(args: argparse.Namespace) -> int:
     input_size = args.input_size or get_model_config(args.compound_coef).input_size
     provenance = evaluation_provenance(weights, ann_file, project, args.compound_coef, input_size,
                                        threshold=args.threshold, nms_threshold=args.nms_threshold, nms=args.nms,
-                                       max_images=args.max_images, mode=args.mode, float16=bool(args.float16))
+                                       max_images=args.max_images, mode=args.mode, float16=bool(args.float16),
+                                       clip_boxes=bool(args.clip_boxes))
 
     reason = provenance_mismatch(results_file, provenance) if not args.override else "--override True"
     reuse = reason is None

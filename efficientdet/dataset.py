@@ -1,4 +1,4 @@
-"""COCO-format detection data: loading with validation, augmentation, batching (SPEC §3, §6, §8).
+"""COCO-format detection data: loading with validation, augmentation, batching (the published pipeline).
 
 Layout (the published one, ``root`` = ``--data_path/PROJECT``)::
 

@@ -1,4 +1,4 @@
-"""The one image pipeline (SPEC §3, §6): the pixel arithmetic and geometry of training samples and of inference
+"""The one image pipeline: the pixel arithmetic and geometry of training samples and of inference
 inputs (:mod:`utils.inference.preprocess` calls :func:`to_unit_rgb`, :func:`normalize` and :func:`letterbox` from here).
 
 One dtype: the pixel arithmetic (/ 255, normalise, resize) is float64 (:data:`PIXEL_DTYPE`) and the canvas,
@@ -6,13 +6,17 @@ the network's input, float32 (:data:`CANVAS_DTYPE`), in training and in inferenc
 ``preprocess`` bit for bit, and the published training ``Normalizer``/``Resizer`` (float64 after
 normalising). The one float32 step left is the published loader's raw image (``CocoDataset.load_image``
 returns ``to_unit_rgb(image)`` stored as float32, as published, for users who call it), so a training
-sample without augmentation equals the detector's input for the same image up to that rounding (< 2e-7).
-One geometry: :func:`letterbox` (aspect-preserving, ``int()``-truncated sides from
-:func:`resized_shape`, bilinear, top-left on a zero canvas).
+sample without augmentation equals the detector's input for the same image up to that rounding (< 2e-7),
+except for a square image whose side truncates (below). One geometry: :func:`letterbox` (aspect-preserving,
+``int()``-truncated sides from :func:`resized_shape`, bilinear, top-left on a zero canvas), with the published
+tie rule of each side: a square image on a square canvas is fitted by its height at inference
+(:data:`FIT_TIES_INFERENCE`, the published ``aspectaware_resize_padding``) and by its width in training
+(:data:`FIT_TIES_TRAINING`, the published ``Resizer``); e.g. 425 × 425 at 512 is 511 wide × 512 high in the
+detector's input and 512 wide × 511 high in a training sample, as published.
 
 The sample pipeline is the published one: BGR -> RGB, / 255, ``Normalizer`` (mean, std), then
 ``HorizontalFlip`` (training), then ``Resizer`` (aspect-preserving resize so the longer side is the input
-size, pasted at the top-left of a zero canvas: the geometry of inference pre-processing) or, with scale
+size, pasted at the top-left of a zero canvas; a square image fitted by its width) or, with scale
 jitter, ``RandomScaleCrop`` (the official recipe: random scale 0.1-2.0 of the output size, random crop,
 zero padding at the bottom/right). Without a transform a sample holds the RGB image in [0, 1] at its
 original size (``scale`` 1.0).
@@ -52,17 +56,34 @@ DEFAULT_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 DEFAULT_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def resized_shape(old_h: int, old_w: int, canvas_h: int, canvas_w: int) -> Tuple[int, int]:
+#: The tie rule of the published INFERENCE pre-processing (``aspectaware_resize_padding``: ``if old_w > old_h``
+#: fit the width, else the height): a square image on a square canvas is fitted by its height.
+FIT_TIES_INFERENCE = "height"
+#: The tie rule of the published TRAINING ``Resizer`` (``if height > width`` fit the height, else the width): a
+#: square image on a square canvas is fitted by its width.
+FIT_TIES_TRAINING = "width"
+FIT_TIES = (FIT_TIES_INFERENCE, FIT_TIES_TRAINING)
+
+
+def resized_shape(old_h: int, old_w: int, canvas_h: int, canvas_w: int, *, fit_ties_by: str) -> Tuple[int, int]:
     """(new_h, new_w) of the aspect-preserving fit, as the published code rounds it (``int()`` truncation).
 
-    For a square canvas: the longer side becomes the canvas side, the other ``int(side / longer · shorter)``.
+    The limiting side fills the canvas, the other is ``int(canvas_w / old_w · old_h)`` (width fit) or
+    ``int(canvas_h / old_h · old_w)`` (height fit). When neither limits (the image has the canvas's aspect:
+    a square image on a square canvas) ``fit_ties_by`` decides: ``"height"`` (:data:`FIT_TIES_INFERENCE`) or
+    ``"width"`` (:data:`FIT_TIES_TRAINING`). The two differ where the division truncates, e.g. 425 × 425 at
+    512: height fit 511 wide × 512 high, width fit 512 wide × 511 high. A side that truncates to 0 (an
+    image more than ``canvas`` times longer than wide) is 1 (the published code fails there).
     """
-    if canvas_w / old_w <= canvas_h / old_h:  # width-limited (on a square canvas: old_w >= old_h)
+    if fit_ties_by not in FIT_TIES:
+        raise ValueError(f"fit_ties_by must be one of {FIT_TIES}, got {fit_ties_by!r}")
+    # Integer cross-multiplication: width-limited when canvas_w / old_w < canvas_h / old_h, exactly.
+    width_term, height_term = canvas_w * old_h, canvas_h * old_w
+    if width_term < height_term or (width_term == height_term and fit_ties_by == FIT_TIES_TRAINING):
         new_w, new_h = canvas_w, int(canvas_w / old_w * old_h)
     else:
         new_w, new_h = int(canvas_h / old_h * old_w), canvas_h
     return max(new_h, 1), max(new_w, 1)
-
 
 
 def to_unit_rgb(image: np.ndarray) -> np.ndarray:
@@ -86,17 +107,18 @@ def normalize(image: np.ndarray, mean: Sequence[float] = DEFAULT_MEAN,
 
 
 def letterbox(image: np.ndarray, canvas_h: int, canvas_w: int, interpolation: int = cv2.INTER_LINEAR,
-              fill: Union[None, float, Sequence[float]] = None) -> Tuple[np.ndarray, int, int]:
+              fill: Union[None, float, Sequence[float]] = None, *, fit_ties_by: str) -> Tuple[np.ndarray, int, int]:
     """The geometry of training and inference: ``image`` (``[H, W]`` or ``[H, W, C]``, any dtype cv2.resize
-    takes) resized to :func:`resized_shape` (only when the size changes) and pasted at the top-left of a
-    :data:`CANVAS_DTYPE` canvas ``[canvas_h, canvas_w, C]`` (C = 1 for ``[H, W]``) that is 0 elsewhere, or
-    ``fill`` (per channel) when given.
+    takes) resized to :func:`resized_shape` with the tie rule ``fit_ties_by`` (:data:`FIT_TIES_INFERENCE` for
+    inference, :data:`FIT_TIES_TRAINING` for training samples; resized only when the size changes) and pasted
+    at the top-left of a :data:`CANVAS_DTYPE` canvas ``[canvas_h, canvas_w, C]`` (C = 1 for ``[H, W]``) that
+    is 0 elsewhere, or ``fill`` (per channel) when given.
 
     Returns ``(canvas, new_h, new_w)``; canvas pixels = original pixels · ``new_w / W`` (x), ``new_h / H`` (y).
     """
     old_h, old_w = image.shape[:2]
     channels = image.shape[2] if image.ndim == 3 else 1
-    new_h, new_w = resized_shape(old_h, old_w, canvas_h, canvas_w)
+    new_h, new_w = resized_shape(old_h, old_w, canvas_h, canvas_w, fit_ties_by=fit_ties_by)
     if (new_h, new_w) != (old_h, old_w):
         image = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
     canvas = np.zeros((canvas_h, canvas_w, channels), dtype=CANVAS_DTYPE)
@@ -106,16 +128,18 @@ def letterbox(image: np.ndarray, canvas_h: int, canvas_w: int, interpolation: in
     return canvas, new_h, new_w
 
 
-def letterbox_size(height: int, width: int, size: int) -> Tuple[int, int, float]:
-    """Size of an image resized so that its longer side is ``size``, keeping its aspect.
+def letterbox_size(height: int, width: int, size: int,
+                   fit_ties_by: str = FIT_TIES_TRAINING) -> Tuple[int, int, float]:
+    """Size of an image resized so that its longer side is ``size``, keeping its aspect (the training
+    :class:`Resizer`'s geometry by default).
 
     Returns ``(new_height, new_width, scale)`` with ``scale = size / max(height, width)``; the sides are
-    those of :func:`resized_shape`, which :func:`letterbox` (training and inference) uses, so
-    training and inference see identical geometry. Boxes scale by ``scale``.
+    those of :func:`resized_shape` with ``fit_ties_by`` (they differ between the two tie rules only for a
+    square image whose side truncates; ``scale`` never does). Boxes scale by ``scale``.
     """
     if height <= 0 or width <= 0 or size <= 0:
         raise ValueError(f"letterbox_size: sides must be positive, got height={height}, width={width}, size={size}")
-    new_h, new_w = resized_shape(height, width, size, size)
+    new_h, new_w = resized_shape(height, width, size, size, fit_ties_by=fit_ties_by)
     return new_h, new_w, size / max(height, width)
 
 
@@ -218,7 +242,8 @@ class Augmenter(HorizontalFlip):
 class Resizer:
     """Aspect-preserving resize so the longer side is ``size``, pasted top-left on a zero ``size × size`` canvas.
 
-    Identical geometry to inference pre-processing (SPEC §3). Boxes are multiplied by ``scale`` (stored in
+    The published training geometry: a square image is fitted by its width (:data:`FIT_TIES_TRAINING`;
+    inference fits it by its height, as published). Boxes are multiplied by ``scale`` (stored in
     the sample); none are dropped (as the published ``Resizer``). ``img_size`` is the published keyword for
     ``size`` (``Resizer(img_size=512)``). Unlike the published one, 'img' and 'annot' stay numpy arrays
     (:func:`collater` takes either).
@@ -239,7 +264,7 @@ class Resizer:
     def __call__(self, sample: Sample, rng: Optional[np.random.Generator] = None) -> Sample:
         image = sample["img"]
         scale = letterbox_size(image.shape[0], image.shape[1], self.size)[2]
-        canvas = letterbox(image, self.size, self.size)[0]
+        canvas = letterbox(image, self.size, self.size, fit_ties_by=FIT_TIES_TRAINING)[0]
         annot = sample["annot"].astype(np.float32, copy=True)
         annot[:, :4] *= scale
         sample.update(img=canvas, annot=annot, scale=float(sample.get("scale", 1.0)) * scale)
@@ -247,7 +272,7 @@ class Resizer:
 
 
 class RandomScaleCrop:
-    """Random scale jitter with crop to ``size × size`` (the official recipe, SPEC §6).
+    """Random scale jitter with crop to ``size × size`` (the official recipe: 0.1–2.0).
 
     A factor ``f ~ U(scale_range)`` gives the target ``int(f * size)``; the image is resized by
     ``s = min(int(f * size) / H, int(f * size) / W)`` (aspect kept) to ``int(H * s) × int(W * s)``; a random

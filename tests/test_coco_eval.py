@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Tuple
 
+import numpy as np
 import pytest
 
 pytest.importorskip("utils.inference.detector")  # the shared inference path (utils/inference/detector.py)
@@ -18,7 +19,7 @@ from backbone import EfficientDet  # noqa: E402
 from utils.config.device import resolve_published_device  # noqa: E402
 from utils.evaluation import STAT_NAMES, evaluation_provenance, provenance_path, save_results  # noqa: E402
 from utils.config.project import load_project  # noqa: E402
-from tests.conftest import project_yaml  # noqa: E402
+from tests.conftest import REPO, project_yaml  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,6 +123,7 @@ def test_end_to_end_results_json_and_printed_metrics(setup, capsys):
     record = json.loads(provenance_path(results_file).read_text())
     assert record["compound_coef"] == 0 and record["obj_list"] == ["rectangle", "circle"]
     assert record["input_size"] == 256 and record["threshold"] == 0.05 and record["nms"] == "hard"
+    assert record["clip_boxes"] is False
     assert len(record["weights_sha256"]) == 64 and len(record["annotations_sha256"]) == 64
 
     # without the weights nothing can be proven: a clear error, even with --override False
@@ -160,7 +162,7 @@ def test_reused_results_are_validated_too(setup, capsys, monkeypatch):
     args = coco_eval.parse_args(argv(setup, "--override", "False"))
     provenance = evaluation_provenance(setup["weights"], setup["ann_file"], load_project(setup["project"]), 0, 256,
                                        threshold=args.threshold, nms_threshold=args.nms_threshold, nms=args.nms,
-                                       max_images=args.max_images, mode=args.mode, float16=False)
+                                       max_images=args.max_images, mode=args.mode, float16=False, clip_boxes=False)
     save_results(setup["out"] / "val_bbox_results.json",
                  [{"image_id": 4242, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9}], provenance)
     monkeypatch.setattr(coco_eval, "compute_results", model_must_not_run)
@@ -181,12 +183,110 @@ def test_missing_image_folder_is_one_line(setup, capsys):
     assert len(err.splitlines()) == 1 and "image folder not found" in err
 
 
+# --------------------------------------------------------------------------------------------------
+# The published evaluation, written out (tests/test_published_api.py: published_pipeline), against ours.
+
+
+@pytest.fixture()
+def published_setup(tmp_path, d0_weights):
+    """``datasets/coco/val2017`` with views of test/img.jpg (a 425 x 425 square, whose side truncates at 256,
+    480 x 640, 500 x 300), their annotation file (one box each) and the conformance D0 weights as a .pth."""
+    import cv2
+
+    from tests.test_published_api import pipeline_images
+
+    root = tmp_path / "datasets"
+    image_dir = root / "coco" / "val2017"
+    image_dir.mkdir(parents=True)
+    images, annotations = [], []
+    for image_id, path in enumerate(pipeline_images(image_dir), start=1):
+        height, width = cv2.imread(path).shape[:2]
+        images.append({"id": image_id, "file_name": Path(path).name, "height": height, "width": width})
+        box = [10.0, 20.0, width / 3, height / 3]
+        annotations.append({"id": image_id, "image_id": image_id, "category_id": 64, "bbox": box,
+                            "area": box[2] * box[3], "iscrowd": 0})
+    (root / "coco" / "annotations").mkdir()
+    (root / "coco" / "annotations" / "instances_val2017.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": [{"id": 64, "name": "potted plant"}]}))
+    weights = tmp_path / "efficientdet-d0.pth"
+    torch.save(d0_weights, weights)
+    return {"root": root, "images": images, "image_dir": image_dir, "weights": weights, "out": tmp_path / "out"}
+
+
+def published_argv(setup, *extra: str):
+    from tests.test_published_api import CONFORMANCE_THRESHOLD
+
+    return ["-c", "0", "-p", str(REPO / "projects" / "coco.yml"), "-w", str(setup["weights"]), "--data_path",
+            str(setup["root"]), "--input_size", "256", "--threshold", str(CONFORMANCE_THRESHOLD), "--output",
+            str(setup["out"]), "--device", "cpu", "--no_progress", *extra]
+
+
+def published_results(setup, model, clip: bool = False):
+    """The published coco_eval.py records for the set, written out (NMS IoU 0.5, its default): published
+    pipeline, then [clipped to the image,] xyxy -> xywh in float32, ``box.tolist()``, ``float(score)``,
+    ``label + 1``. Classes whose obj_list entry is '' are left out (ours leaves them out: never scored). The
+    network input is made contiguous, as the evaluator's (mode eager) is: the same values; the published
+    permuted one rounds differently by ~3e-8, enough to reorder this model's nearly tied scores."""
+    from tests.test_published_api import CONFORMANCE_THRESHOLD, published_pipeline
+
+    obj_list = load_project(REPO / "projects" / "coco.yml").obj_list
+    records = []
+    for image in setup["images"]:
+        rois, class_ids, scores = published_pipeline(model, str(setup["image_dir"] / image["file_name"]), 256,
+                                                     CONFORMANCE_THRESHOLD, 0.5, contiguous=True)
+        if clip:
+            rois[:, [0, 2]] = np.clip(rois[:, [0, 2]], 0, image["width"] - 1)
+            rois[:, [1, 3]] = np.clip(rois[:, [1, 3]], 0, image["height"] - 1)
+        rois[:, 2] -= rois[:, 0]
+        rois[:, 3] -= rois[:, 1]
+        records += [{"image_id": image["id"], "category_id": int(label) + 1, "score": float(score),
+                     "bbox": box.tolist()} for box, label, score in zip(rois, class_ids, scores) if obj_list[label]]
+    return records
+
+
+def assert_same_records(got, want):
+    assert len(got) == len(want) > 0
+    for ours, theirs in zip(got, want):
+        assert (ours["image_id"], ours["category_id"]) == (theirs["image_id"], theirs["category_id"])
+        np.testing.assert_allclose(ours["bbox"], theirs["bbox"], rtol=0, atol=1e-3)
+        assert abs(ours["score"] - theirs["score"]) <= 1e-5
+
+
+def test_default_evaluation_is_the_published_one(published_setup, d0_model, capsys):
+    """coco_eval.py's records equal the published evaluation's steps written out (same count, classes, boxes
+    within 1e-3 px, scores within 1e-5) on a truncating square and non-square images; --clip_boxes clips to
+    the image, is recorded in the provenance record, and a results file of one setting is not re-scored for
+    the other."""
+    results_file = published_setup["out"] / "val2017_bbox_results.json"
+    assert coco_eval.main(coco_eval.parse_args(published_argv(published_setup))) == 0
+    published = published_results(published_setup, d0_model)
+    assert_same_records(json.loads(results_file.read_text()), published)
+    widths = {image["id"]: image["width"] for image in published_setup["images"]}
+    assert max(r["bbox"][0] + r["bbox"][2] - widths[r["image_id"]] for r in published) > 1  # past the image
+    assert json.loads(provenance_path(results_file).read_text())["clip_boxes"] is False
+    capsys.readouterr()
+
+    assert coco_eval.main(coco_eval.parse_args(published_argv(published_setup, "--override", "False",
+                                                              "--clip_boxes"))) == 0
+    assert "clip_boxes differs" in capsys.readouterr().out  # the model ran again
+    clipped = json.loads(results_file.read_text())
+    assert_same_records(clipped, published_results(published_setup, d0_model, clip=True))
+    assert all(r["bbox"][0] + r["bbox"][2] <= widths[r["image_id"]] - 1 for r in clipped)
+    assert json.loads(provenance_path(results_file).read_text())["clip_boxes"] is True
+    assert coco_eval.main(coco_eval.parse_args(published_argv(published_setup, "--override", "False",
+                                                              "--clip_boxes", "True"))) == 0
+    assert "re-scoring" in capsys.readouterr().out
+    assert coco_eval.main(coco_eval.parse_args(published_argv(published_setup, "--override", "False"))) == 0
+    assert "clip_boxes differs" in capsys.readouterr().out
+
+
 def test_parse_args_defaults():
     args = coco_eval.parse_args(["-p", "shape"])
     assert (args.compound_coef, args.threshold, args.nms_threshold, args.batch_size) == (0, 0.05, 0.5, 1)
     assert args.data_path == "datasets/" and args.output == "." and args.override is True and not args.float16
     assert args.cuda is True and args.device is None  # published defaults: run the model, use CUDA
     assert args.max_images is None and args.input_size is None and not math.isnan(args.threshold)
+    assert args.clip_boxes is False  # as published: boxes clipped to the network input only
 
 
 def test_official_soft_nms_option(setup, capsys):

@@ -181,16 +181,34 @@ def test_category_mapping_on_original_coco_ids(coco_tiny, caplog):
                          np.array([0.9, 0.8], np.float32))
     with caplog.at_level(logging.WARNING, logger="utils.evaluation"):
         records = detections_to_coco([7], [det], obj_list)
-    assert records == [{"image_id": 7, "category_id": 1, "bbox": [0.0, 0.0, 5.0, 5.0], "score": 0.8}]
+    assert records == [{"image_id": 7, "category_id": 1, "bbox": [0.0, 0.0, 5.0, 5.0], "score": float(np.float32(0.8))}]
     assert "1 detection(s) of unused classes" in caplog.text
+
+
+def published_records(image_id, rois, class_ids, scores):
+    """The published coco_eval.py records, written out: float32 rois made xywh in place, ``box.tolist()``,
+    ``float(score)``, ``label + 1``."""
+    rois = np.array(rois, dtype=np.float32)
+    rois[:, 2] -= rois[:, 0]
+    rois[:, 3] -= rois[:, 1]
+    return [{"image_id": image_id, "category_id": int(label) + 1, "score": float(score), "bbox": box.tolist()}
+            for box, label, score in zip(rois, class_ids, np.asarray(scores, np.float32))]
 
 
 def test_detections_to_coco_record_format():
     det = FakeDetections(np.array([[10.25, 20.5, 110.75, 70.5]], np.float32), np.array([1]),
                          np.array([0.123456789], np.float32))
     (record,) = detections_to_coco([42], [det], ["a", "b"])
-    assert record == {"image_id": 42, "category_id": 2, "bbox": [10.25, 20.5, 100.5, 50.0], "score": 0.123457}
+    assert record == {"image_id": 42, "category_id": 2, "bbox": [10.25, 20.5, 100.5, 50.0],
+                      "score": float(np.float32(0.123456789))}
     assert all(type(v) is float for v in record["bbox"]) and type(record["score"]) is float
+    # Unrounded float32 values with float32 widths, as the published script writes them: 1000.1 - 0.001 in
+    # float32 is 1000.0989990234375 (in float64 of the same two float32 values: 1000.09897558589).
+    rois = np.array([[0.001, 3.3, 1000.1, 7.7], [5.0, 5.0, 4.5, 4.0]], np.float32)  # the second: x2 < x1
+    unrounded = FakeDetections(rois, np.array([0, 1]), np.array([0.987654321, 0.05000001], np.float32))
+    records = detections_to_coco([3], [unrounded], ["a", "b"])
+    assert records == published_records(3, rois, [0, 1], unrounded.scores)
+    assert records[0]["bbox"][2] == 1000.0989990234375 and records[1]["bbox"][2] == -0.5
     json.dumps(record)  # plain Python types
     empty = FakeDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32))
     assert detections_to_coco([1], [empty], ["a"]) == []
@@ -387,14 +405,21 @@ def test_non_finite_scores_and_boxes_raise(coco_tiny, tmp_path, field, value):
                                                   else "inf")) in message
 
 
-def test_negative_box_width_or_height_raises(coco_tiny, tmp_path):
+def test_negative_box_width_or_height_is_scored_as_pycocotools_does(coco_tiny, tmp_path, caplog):
+    """The published clipping (x1 raised to 0, x2 lowered to W - 1) leaves a box starting past the input's
+    right edge with x2 < x1: its record has a negative width; pycocotools scores it (never matched)."""
     results = perfect_results(coco_tiny["data"])
     x, y, w, h = results[2]["bbox"]
     flipped = dict(results[2], bbox=[x + w, y, -w, h])  # (x2, y, -w, h): a box given right to left
-    with pytest.raises(ValueError) as info:
-        evaluate_coco(coco_tiny["ann_file"], results[:2] + [flipped] + results[3:])
-    message = one_line_error(info)
-    assert "record 2" in message and "negative width or height" in message
+    both = dict(results[2], bbox=[x + w, y + h, -w, -h], score=0.5)  # a positive area, never matched
+    with_negative = results[:2] + [flipped, both] + results[3:]
+    results_file = write_json(tmp_path / "negative.json", with_negative)
+    with caplog.at_level(logging.WARNING, logger="utils.evaluation"):
+        metrics = evaluate_coco(coco_tiny["ann_file"], results_file)
+    assert "2 result(s) with a negative width or height" in caplog.text
+    reference, _ = pycocotools_eval(coco_tiny["ann_file"], results_file)
+    assert [metrics[name] for name in STAT_NAMES] == [float(v) for v in reference.stats]
+    assert metrics["AP"] < 1.0
     zero = dict(results[2], bbox=[x, y, 0.0, h])  # an empty box is a legal (missed) detection
     assert evaluate_coco(coco_tiny["ann_file"], results[:2] + [zero] + results[3:])["AP"] < 1.0
     # the same rule for the ground truth

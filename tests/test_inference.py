@@ -15,7 +15,6 @@ import efficientdet_test_videos
 from backbone import EfficientDet
 from utils.inference import nms as nms_module
 from utils.inference.detector import Detector
-from efficientdet.transforms import resized_shape
 from utils.inference.preprocess import read_image
 from utils.config.project import load_project
 
@@ -51,17 +50,25 @@ def crafted_model(num_classes: int = 3) -> EfficientDet:
     return model
 
 
-def expected_detections(old_h: int, old_w: int, iou_threshold: float = 0.2):
-    """Reference for the crafted model: anchors of type 0, clipped to the input, brute-force NMS (all scores
-    tie: input order), mapped back to the original image and clipped to it."""
+def expected_detections(old_h: int, old_w: int, iou_threshold: float = 0.2, clip_to_image: bool = False):
+    """Reference for the crafted model, the published steps written out: anchors of type 0 clipped to the
+    network input (``ClipBoxes``), brute-force NMS (all scores tie: input order), then ``invert_affine`` with
+    the published sides of ``aspectaware_resize_padding`` (a square image is fitted by its height), in
+    float32; clipped to the image only with ``clip_to_image``."""
     anchors = crafted_model().anchors.generate(SIZE, SIZE).numpy().astype(np.float32)[0::9]  # type 0 only
     boxes = np.stack([np.maximum(anchors[:, 1], 0), np.maximum(anchors[:, 0], 0),
                       np.minimum(anchors[:, 3], SIZE - 1), np.minimum(anchors[:, 2], SIZE - 1)], axis=1)
     keep = reference_nms(boxes, np.full(len(boxes), 1.0, np.float32), iou_threshold)
-    new_h, new_w = resized_shape(old_h, old_w, SIZE, SIZE)
-    kept = boxes[keep].astype(np.float64)
-    kept[:, [0, 2]] = np.clip(kept[:, [0, 2]] / (new_w / old_w), 0, old_w - 1)
-    kept[:, [1, 3]] = np.clip(kept[:, [1, 3]] / (new_h / old_h), 0, old_h - 1)
+    if old_w > old_h:
+        new_w, new_h = SIZE, int(SIZE / old_w * old_h)
+    else:
+        new_w, new_h = int(SIZE / old_h * old_w), SIZE
+    kept = boxes[keep]
+    kept[:, [0, 2]] = kept[:, [0, 2]] / (new_w / old_w)
+    kept[:, [1, 3]] = kept[:, [1, 3]] / (new_h / old_h)
+    if clip_to_image:
+        kept[:, [0, 2]] = np.clip(kept[:, [0, 2]], 0, old_w - 1)
+        kept[:, [1, 3]] = np.clip(kept[:, [1, 3]], 0, old_h - 1)
     return kept
 
 
@@ -85,11 +92,15 @@ def assets(tmp_path_factory):
     return {"root": root, "project": project, "weights": weights, "images": images}
 
 
+SQUARES = [(98, 98), (196, 196), (100, 100)]  # 98 and 196 truncate at 128 (int(128 / 98 * 98) == 127)
+
+
 def test_detector_finds_the_crafted_detections(assets):
     detector = Detector(crafted_model(), load_project(assets["project"]), input_size=SIZE, device="cpu")
     wide = read_image(assets["images"] / "wide.png")
-    dets = detector.detect([assets["images"] / "tall.png", wide])
-    for det, (old_h, old_w) in zip(dets, [(160, 96), (120, 200)]):
+    squares = [np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8) for side, _ in SQUARES]
+    dets = detector.detect([assets["images"] / "tall.png", wide, *squares])
+    for det, (old_h, old_w) in zip(dets, [(160, 96), (120, 200), *SQUARES]):
         expected = expected_detections(old_h, old_w)
         assert 5 < len(det) == len(expected)
         np.testing.assert_allclose(det.boxes, expected, atol=1e-3, rtol=0)
@@ -100,6 +111,20 @@ def test_detector_finds_the_crafted_detections(assets):
     assert len(detector.detect(wide, threshold=0.9)[0]) == 0
     lax = detector.detect(wide, iou_threshold=0.9)[0]
     assert len(lax) == len(expected_detections(120, 200, iou_threshold=0.9)) > len(dets[1])
+    # As published, boxes are clipped to the network input only: the square's x reaches 127 / (127 / 98) = 98
+    # (width fit: 127 / (128 / 98) = 97.2), and boxes reaching into the padding end past the image.
+    assert dets[2].boxes[:, 2].max() == pytest.approx(98.0, abs=1e-3)
+    assert dets[1].boxes[:, 3].max() > 119
+
+
+def test_clip_to_image_option(assets):
+    detector = Detector(crafted_model(), load_project(assets["project"]), input_size=SIZE, device="cpu",
+                        clip_to_image=True)
+    for det, (old_h, old_w) in zip(detector.detect([assets["images"] / "wide.png", np.zeros((98, 98, 3), np.uint8)]),
+                                   [(120, 200), (98, 98)]):
+        expected = expected_detections(old_h, old_w, clip_to_image=True)
+        assert len(det) == len(expected) > 5 and not np.array_equal(expected, expected_detections(old_h, old_w))
+        np.testing.assert_allclose(det.boxes, expected, atol=1e-3, rtol=0)
 
 
 def test_predict_batch_without_metas_stays_in_input_pixels(assets):
@@ -108,7 +133,7 @@ def test_predict_batch_without_metas_stays_in_input_pixels(assets):
     in_input = detector.predict_batch(batch, None)[0]
     in_original = detector.predict_batch(batch, metas)[0]
     scale = metas[0].new_w / metas[0].old_w
-    np.testing.assert_allclose(np.minimum(in_input.boxes[:, 2] / scale, 199), in_original.boxes[:, 2], rtol=1e-5)
+    np.testing.assert_allclose(in_input.boxes[:, 2] / scale, in_original.boxes[:, 2], rtol=1e-6)
     assert in_input.boxes.max() <= SIZE - 1
 
 

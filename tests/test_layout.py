@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 from pathlib import Path
 from typing import List, Set
 
@@ -61,3 +63,56 @@ def test_scripts_are_thin_and_files_small():
         long = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
                 and n.end_lineno - n.lineno + 1 > 60]
         assert not long, f"{path.relative_to(REPO)}: functions over 60 lines: {long}"
+
+
+TEXT_SUFFIXES = (".py", ".md", ".yml", ".yaml", ".txt")
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "datasets", "weights", "logs", "runs"}
+_BASE = "SP" + "EC"  # the needles are built from parts so that this file does not match itself
+CITATIONS = (_BASE + " \u00a7", _BASE + " trap", _BASE + ".md")
+
+
+def project_text_files() -> List[Path]:
+    """The repository's text files: tracked and not-ignored new ones per git, else a walk of the tree."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+        paths = [REPO / name for name in listed]
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout (an unpacked archive)
+        paths = []
+        for root, dirs, names in os.walk(REPO):
+            dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+            paths += [Path(root) / name for name in names]
+    return sorted(p for p in paths if p.suffix in TEXT_SUFFIXES and p.is_file())
+
+
+def citations(paths: List[Path]) -> List[str]:
+    """``path:line: text`` of every line citing a document a clone of the repository does not have."""
+    return [f"{p.relative_to(REPO) if REPO in p.parents else p.name}:{n}: {line.strip()[:80]}" for p in paths
+            for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+            if any(needle in line for needle in CITATIONS)]
+
+
+def test_citation_check_finds_each_form(tmp_path):
+    cited = tmp_path / "cited.py"
+    cited.write_text("".join(f"x = 1  # as in {needle} 7\n" for needle in CITATIONS) + "y = 2  # the paper\n",
+                     encoding="utf-8")
+    assert [c.split(":")[1] for c in citations([cited])] == ["1", "2", "3"]
+
+
+def test_text_files_without_git_skip_the_environment(monkeypatch):
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    files = project_text_files()
+    names = {p.relative_to(REPO).as_posix() for p in files}
+    assert {"DEVELOPING.md", "tests/test_layout.py", "projects/coco.yml"} <= names
+    assert not [n for n in names if n.split("/")[0] in SKIP_DIRS]
+
+
+def test_no_citation_of_documents_outside_the_repository():
+    """Docs state the facts they rely on (DEVELOPING.md, Faithfulness), never cite a document a clone lacks."""
+    files = project_text_files()
+    assert any(p.name == "DEVELOPING.md" for p in files) and len(files) > 50
+    found = citations(files)
+    assert not found, "citations of a document outside the repository:\n" + "\n".join(found)

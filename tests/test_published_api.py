@@ -3,6 +3,7 @@ and notebooks written against zylo117 "Yet-Another-EfficientDet-Pytorch" run unc
 the project's one implementation (utils.inference.detector.Detector, efficientdet.anchors, utils.inference.preprocess, ...)."""
 from __future__ import annotations
 
+import copy
 import inspect
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -20,6 +21,7 @@ from efficientdet.utils import Anchors, BBoxTransform, ClipBoxes
 from tests.conftest import REPO
 from tests.test_loss import reference_yaep
 from tests.test_postprocess import crafted_classification, reference_postprocess
+from tests.test_preprocess import published_aspectaware_resize_padding
 from tests.test_train import base_args, write_tiny_project
 from utils.config.cli import boolean_string as cli_boolean_string
 from utils.inference.detector import Detector
@@ -29,6 +31,8 @@ from utils.inference.preprocess import preprocess as batch_preprocess
 from utils.config.project import load_project
 from utils.utils import (STANDARD_COLORS, aspectaware_resize_padding, boolean_string, color_list, get_index_label,
                          invert_affine, plot_one_box, postprocess, preprocess, preprocess_video, standard_to_bgr)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMG = REPO / "test" / "img.jpg"  # 428 x 640
 MEAN = (0.485, 0.456, 0.406)
@@ -109,6 +113,69 @@ def test_snippet_on_a_checkpoint_written_by_train_py(tmp_path):
     assert assert_same_as_detector(outs, weights_path, project, str(IMG), 128, threshold) > 0
 
 
+def published_pipeline(model, img_path: str, input_size: int, threshold: float, iou_threshold: float,
+                       contiguous: bool = False):
+    """The published efficientdet_test.py / coco_eval.py steps written out, none of ours but the model:
+    ``cv2.imread``, RGB, ``(img / 255 - mean) / std``, ``aspectaware_resize_padding`` verbatim, the permuted input,
+    the network, the published ``postprocess`` (decode, ``ClipBoxes`` to the input, max class score > threshold,
+    class-aware NMS: ``reference_postprocess``), then ``invert_affine``: ``(rois, class_ids, scores)``.
+    ``contiguous``: the same input values in the contiguous memory layout (the Detector's default; the
+    permuted tensor is channels-last, whose convolutions round differently by ~3e-8)."""
+    framed, (new_w, new_h, old_w, old_h, _, _) = published_frame(cv2.imread(img_path), input_size)
+    x = torch.stack([torch.from_numpy(framed)], 0).to(torch.float32).permute(0, 3, 1, 2)
+    x = x.contiguous() if contiguous else x
+    with torch.no_grad():
+        _, regression, classification, anchors = model(x)
+    ((rois, class_ids, scores),) = reference_postprocess(input_size, input_size, anchors.numpy(), regression.numpy(),
+                                                         classification.numpy(), threshold, iou_threshold)
+    rois[:, [0, 2]] = rois[:, [0, 2]] / (new_w / old_w)
+    rois[:, [1, 3]] = rois[:, [1, 3]] / (new_h / old_h)
+    return rois, class_ids, scores
+
+
+def pipeline_images(folder: Path) -> List[str]:
+    """Views of test/img.jpg: a square whose side truncates at 256 (425 x 425: 255 wide x 256 high), 480 x 640
+    (h x w) and 500 x 300."""
+    image = cv2.imread(str(IMG))
+    views = {"square425": image[:425, :425], "landscape480x640": cv2.resize(image, (640, 480)),
+             "portrait500x300": cv2.resize(image[:, :300], (300, 500))}
+    for name, view in views.items():
+        cv2.imwrite(str(folder / f"{name}.png"), view)
+    return [str(folder / f"{name}.png") for name in views]
+
+
+#: Between the 26th and 27th best score of the conformance model (0.08163358, 0.08163065; its scores are close
+#: together and the same on every image): float round-off cannot move a score across it.
+CONFORMANCE_THRESHOLD = 0.0816321
+
+
+def test_snippet_equals_the_published_steps_written_out(tmp_path, d0_model):
+    """Our adapters (preprocess, postprocess, invert_affine) and the Detector give the detections of the
+    published steps written out, on a truncating square and non-square images (same count, classes, boxes
+    within 1e-3 px, scores within 1e-5)."""
+    project = load_project(REPO / "projects" / "coco.yml")
+    detector = Detector(copy.deepcopy(d0_model), project, input_size=256, device="cpu", mode="channels_last",
+                        threshold=CONFORMANCE_THRESHOLD)
+    for img_path in pipeline_images(tmp_path):
+        rois, class_ids, scores = published_pipeline(d0_model, img_path, 256, CONFORMANCE_THRESHOLD, 0.2)
+        _, framed_imgs, framed_metas = preprocess(img_path, max_size=256)
+        x = torch.stack([torch.from_numpy(fi) for fi in framed_imgs], 0).to(torch.float32).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            _, regression, classification, anchors = d0_model(x)
+        out = postprocess(x, anchors, regression, classification, BBoxTransform(), ClipBoxes(),
+                          CONFORMANCE_THRESHOLD, 0.2)
+        (got,) = invert_affine(framed_metas, out)
+        (dets,) = detector.detect(img_path)
+        for boxes, ids, values in ((got["rois"], got["class_ids"], got["scores"]),
+                                   (dets.boxes, dets.class_ids, dets.scores)):
+            assert len(boxes) == len(rois) > 5, img_path
+            np.testing.assert_array_equal(ids, class_ids)
+            np.testing.assert_allclose(boxes, rois, rtol=0, atol=1e-3)
+            np.testing.assert_allclose(values, scores, rtol=0, atol=1e-5)
+        if "square" in img_path:  # y fills the input: y mapped back by 256 / 425, x by 255 / 425
+            assert framed_metas[0][:2] == (255, 256)
+
+
 def test_snippet_on_conformance_weights(tmp_path, d0_weights):
     weights_path = tmp_path / "efficientdet-d0.pth"
     torch.save(d0_weights, weights_path)
@@ -126,38 +193,42 @@ def test_snippet_on_conformance_weights(tmp_path, d0_weights):
 # Pre-processing geometry.
 
 
-def published_frame(bgr: np.ndarray, size: int) -> np.ndarray:
-    """The published steps for one image, written out: normalise RGB in float64, resize, top-left of zeros."""
-    normalized = (bgr[..., ::-1] / 255 - np.array(MEAN)) / np.array(STD)
-    old_h, old_w = bgr.shape[:2]
-    new_w, new_h = (size, int(size / old_w * old_h)) if old_w > old_h else (int(size / old_h * old_w), size)
-    canvas = np.zeros((size, size, 3), np.float32)
-    canvas[:new_h, :new_w] = cv2.resize(normalized, (new_w, new_h))
-    return canvas
+def published_frame(bgr: np.ndarray, size: int) -> Tuple[np.ndarray, tuple]:
+    """The published ``preprocess`` of one BGR image, written out: RGB, ``(img / 255 - mean) / std`` in float64,
+    ``aspectaware_resize_padding(img, size, size, means=None)``: (framed image, meta)."""
+    normalized = (bgr[..., ::-1] / 255 - MEAN) / STD
+    canvas, *meta = published_aspectaware_resize_padding(normalized, size, size, means=None)
+    return canvas, tuple(meta)
+
+
+# (h, w): landscape, portrait, squares whose side truncates at 256 (int(256 / 98 * 98) == 255) or not.
+SHAPES = [(120, 200), (190, 100), (98, 98), (425, 425), (128, 128)]
 
 
 @pytest.fixture
 def two_images(tmp_path) -> Tuple[List[str], List[np.ndarray]]:
+    """The images of SHAPES (the first two non-square, then squares) and their PNG files."""
     rng = np.random.default_rng(0)
-    landscape = rng.integers(0, 256, size=(120, 200, 3), dtype=np.uint8)
-    portrait = rng.integers(0, 256, size=(190, 100, 3), dtype=np.uint8)
-    paths = [str(tmp_path / "landscape.png"), str(tmp_path / "portrait.png")]
-    for path, image in zip(paths, (landscape, portrait)):
+    images = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in SHAPES]
+    paths = [str(tmp_path / f"{h}x{w}.png") for h, w in SHAPES]
+    for path, image in zip(paths, images):
         cv2.imwrite(path, image)
-    return paths, [landscape, portrait]
+    return paths, images
 
 
 def test_preprocess_frames_metas_and_same_bits_as_detector_input(two_images):
     paths, images = two_images
     ori_imgs, framed_imgs, framed_metas = preprocess(*paths, max_size=256)
     assert all(np.array_equal(a, b) for a, b in zip(ori_imgs, images))
-    assert framed_metas == [(256, 153, 200, 120, 0, 103), (134, 256, 100, 190, 122, 0)]
+    assert framed_metas[:4] == [(256, 153, 200, 120, 0, 103), (134, 256, 100, 190, 122, 0), (255, 256, 98, 98, 1, 0),
+                                (255, 256, 425, 425, 1, 0)]  # a square is fitted by its height
     batch, _, _ = batch_preprocess(paths, 256, MEAN, STD)
-    for b, (framed, image) in enumerate(zip(framed_imgs, images)):
+    for b, (framed, meta, image) in enumerate(zip(framed_imgs, framed_metas, images)):
         assert framed.shape == (256, 256, 3) and framed.dtype == np.float32 and framed.flags.c_contiguous
-        assert np.array_equal(framed, published_frame(image, 256))
+        want, want_meta = published_frame(image, 256)
+        assert np.array_equal(framed, want) and meta == want_meta
         assert np.array_equal(framed, batch[b].permute(1, 2, 0).numpy())
-    assert not framed_imgs[0][153:].any() and not framed_imgs[1][:, 134:].any()
+    assert not framed_imgs[0][153:].any() and not framed_imgs[1][:, 134:].any() and not framed_imgs[2][:, 255:].any()
 
 
 def test_preprocess_default_mean_std_are_rgb_ordered(tmp_path):
@@ -179,10 +250,13 @@ def test_preprocess_default_mean_std_are_rgb_ordered(tmp_path):
 def test_preprocess_video_takes_frames(two_images):
     paths, images = two_images
     ori_imgs, framed_imgs, framed_metas = preprocess_video(*images, max_size=256)
-    assert len(ori_imgs) == 2 and ori_imgs[0] is images[0]
+    assert len(ori_imgs) == len(SHAPES) and ori_imgs[0] is images[0]
     _, from_files, file_metas = preprocess(*paths, max_size=256)
     assert framed_metas == file_metas
     assert all(np.array_equal(a, b) for a, b in zip(framed_imgs, from_files))
+    for framed, meta, image in zip(framed_imgs, framed_metas, images):
+        want, want_meta = published_frame(image, 256)
+        assert np.array_equal(framed, want) and meta == want_meta
 
 
 def test_preprocess_errors_name_the_file(tmp_path):
@@ -219,6 +293,15 @@ def test_aspectaware_resize_padding_geometry():
     same, *meta = aspectaware_resize_padding(image[:64, :128], 128, 128)
     assert np.array_equal(same[:64], image[:64, :128].astype(np.float32)) and tuple(meta) == (128, 64, 128, 64, 0, 64)
 
+    # Square canvases (the published use): every result equals the published function's, squares included.
+    for h, w in [(98, 98), (103, 103), (425, 425), (128, 128), (120, 200), (190, 100)]:
+        array = rng.standard_normal((h, w, 3))
+        for kwargs in ({}, {"means": (1.0, 2.0, 3.0)}, {"interpolation": cv2.INTER_NEAREST}):
+            got, *got_meta = aspectaware_resize_padding(array, 256, 256, **kwargs)
+            want, *want_meta = published_aspectaware_resize_padding(array, 256, 256, **kwargs)
+            assert got_meta == want_meta and np.array_equal(got, want), (h, w, kwargs)
+    assert aspectaware_resize_padding(rng.standard_normal((98, 98, 3)), 256, 256)[1:3] == (255, 256)
+
 
 def test_invert_affine_maps_back_in_place_without_clipping():
     rois = np.array([[25.6, 12.75, 128.0, 76.5], [0.0, 0.0, 255.0, 152.0]], np.float32)
@@ -254,7 +337,7 @@ def test_postprocess_published_format_and_our_numbers(d0_vectors):
         assert len(got["rois"]) == len(d0_vectors[f"det{b}_rois"]) == 0
         assert got["rois"].shape == (0, 4) and got["class_ids"].shape == got["scores"].shape == (0,)
     assert invert_affine([(384, 256, 384, 256, 0, 0)] * 2, stored) is stored
-    # Crafted class scores give real detections: SPEC §3 written out, and the project's postprocess bit for bit.
+    # Crafted class scores give real detections: reference_postprocess, and the project's postprocess bit for bit.
     classification = crafted_classification(regression.shape[1], 200, 4, seed=3)
     out = postprocess(x, anchors, regression, torch.from_numpy(classification), BBoxTransform(), ClipBoxes(),
                       0.2, 0.3)

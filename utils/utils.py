@@ -12,10 +12,12 @@ notebooks written against it. The published inference snippet runs unchanged::
     out = invert_affine(framed_metas, out)   # out[i]['rois'], out[i]['class_ids'], out[i]['scores']
 
 Every function is a thin adapter over the project's one implementation, so the numbers are the same bits as
-:class:`utils.inference.detector.Detector`'s: pre-processing is :mod:`utils.inference.preprocess` (SPEC §3), post-processing
-:func:`utils.inference.postprocess.postprocess`, the inverse mapping :func:`utils.inference.preprocess.boxes_to_original` (without
-clipping, as published: construct the Detector with ``clip_to_image=False`` to compare), drawing
-:mod:`utils.visual.draw`, ``boolean_string`` :func:`utils.config.cli.boolean_string`.
+:class:`utils.inference.detector.Detector`'s: pre-processing is :mod:`utils.inference.preprocess`, post-processing
+:func:`utils.inference.postprocess.postprocess`, the inverse mapping
+:func:`utils.inference.preprocess.boxes_to_original` (without clipping to the image, as published and as the
+Detector's default), drawing :mod:`utils.visual.draw`, ``boolean_string`` :func:`utils.config.cli.boolean_string`.
+Pre-processing fits a square image by its height, as the published ``aspectaware_resize_padding`` (the
+training ``Resizer`` fits it by its width, as published: :mod:`efficientdet.transforms`).
 
 One layout note: the snippet's ``permute(0, 3, 1, 2)`` hands the network a channels-last tensor, and oneDNN's
 channels-last convolutions round differently (about 1e-7) from the contiguous ones. With ``x = x.contiguous()``
@@ -42,7 +44,7 @@ from efficientdet.anchors import BBoxTransform, ClipBoxes
 from utils.config.cli import boolean_string
 from utils.visual.draw import color_for_class, draw_box, name_to_bgr
 from utils.inference.postprocess import postprocess as _postprocess
-from efficientdet.transforms import DEFAULT_MEAN, DEFAULT_STD, letterbox
+from efficientdet.transforms import DEFAULT_MEAN, DEFAULT_STD, FIT_TIES_INFERENCE, letterbox
 from utils.inference.preprocess import ImageMeta, boxes_to_original, canvas_size, load_images, normalize_and_fit
 
 __all__ = ["STANDARD_COLORS", "aspectaware_resize_padding", "boolean_string", "color_list", "from_colorname_to_bgr",
@@ -66,22 +68,27 @@ def aspectaware_resize_padding(image: np.ndarray, width: int, height: int, inter
         image: ``[H, W, C]`` (or ``[H, W]``) array of any dtype ``cv2.resize`` takes, already normalised for
             the network when it is one of its inputs.
         width, height: canvas size; the image is scaled so that it fits (the longer side fills the canvas on a
-            square one; the shorter side is truncated with ``int()``, as published).
+            square one, the height for a square image; the other side is truncated with ``int()``, as
+            published: ``if old_w > old_h: new_w = width, new_h = int(width / old_w * old_h)``, else
+            ``new_w = int(height / old_h * old_w), new_h = height``).
         interpolation: a ``cv2.INTER_*`` flag; None is bilinear (cv2's default, as published).
         means: the canvas value outside the image (per channel), default 0.
 
     Returns:
-        ``(canvas [height, width, C] float32, new_w, new_h, old_w, old_h, padding_w, padding_h)``. The published
-        function made a ``height × height`` canvas and chose the limiting side by ``old_w > old_h`` alone; both
-        agree with this one on square canvases, the only ones the published code uses.
+        ``(canvas [height, width, C] float32, new_w, new_h, old_w, old_h, padding_w, padding_h)``. This is the
+        published inference rule on square canvases, the only ones the published code uses (a square image is
+        fitted by its height; the published training ``Resizer`` fits it by its width, and so does ours:
+        :mod:`efficientdet.transforms`). On a non-square canvas the published function made a ``height ×
+        height`` canvas and chose the side by ``old_w > old_h`` alone, overflowing the canvas where that side
+        is not the limiting one; this one fits the limiting side (the height where the aspects are equal).
     """
     if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or 0 in image.shape[:2]:
         raise ValueError(f"aspectaware_resize_padding: expected an image array [H, W, C], got "
                          f"{getattr(image, 'shape', type(image).__name__)}")
     canvas_h, canvas_w = canvas_size((height, width))
     old_h, old_w = image.shape[:2]
-    canvas, new_h, new_w = letterbox(image, canvas_h, canvas_w,
-                                     cv2.INTER_LINEAR if interpolation is None else interpolation, fill=means)
+    canvas, new_h, new_w = letterbox(image, canvas_h, canvas_w, cv2.INTER_LINEAR if interpolation is None
+                                     else interpolation, fill=means, fit_ties_by=FIT_TIES_INFERENCE)
     return canvas, new_w, new_h, old_w, old_h, canvas_w - new_w, canvas_h - new_h
 
 
@@ -100,7 +107,7 @@ def _frame(images: Sequence[np.ndarray], max_size: Union[int, Tuple[int, int]], 
 def preprocess(*image_path: str, max_size: Union[int, Tuple[int, int]] = 512,
                mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD
                ) -> Tuple[List[np.ndarray], List[np.ndarray], List[Meta]]:
-    """Read and pre-process images for the network, as published (SPEC §3; :mod:`utils.inference.preprocess`).
+    """Read and pre-process images for the network, as published (:mod:`utils.inference.preprocess`).
 
     Args:
         *image_path: image files (BGR uint8 arrays are accepted too).

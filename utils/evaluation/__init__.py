@@ -32,9 +32,10 @@ given the project's ``obj_list``, a class of the project) and a ``bbox`` of four
 and height >= 0. Result records need integer ``image_id`` (of the annotation file) and ``category_id`` (of
 the project, given ``obj_list``), a finite ``score`` and a finite ``bbox`` (a negative width or height, which
 the published clipping leaves on a box starting past the input's right or bottom edge, is counted in a
-warning and scored as pycocotools scores it: never matched). Results in a category of the project that the annotation file does not list are harmless (pycocotools
-scores only the listed categories, and a category without ground truth would add nothing), and so are
-annotations of images that ``images`` does not list (never evaluated): both are counted in a warning.
+warning and scored as pycocotools scores it: never matched). Results in a category of the project that the
+annotation file does not list are harmless (pycocotools scores only the listed categories, and a category
+without ground truth would add nothing), and so are annotations of images that ``images`` does not list
+(never evaluated): both are counted in a warning.
 
 Modules: :mod:`.records` (files in and out, validated), :mod:`.cocoeval` (COCOeval and its report),
 :mod:`.runner` (a Detector over a set), :mod:`.provenance` (results files and their record).

@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 
 PROVENANCE_SUFFIX = ".meta.json"
-PROVENANCE_FORMAT = 1
+#: 2: the published evaluation (square images fitted by their height, boxes not clipped to the image unless
+#: ``clip_boxes``, float32 values unrounded); records of format 1 came from another pipeline and are not reused.
+PROVENANCE_FORMAT = 2
 _HASH_CHUNK = 1 << 20
 
 
@@ -87,13 +89,16 @@ def save_results(results_file: PathLike, records: Sequence[Mapping[str, Any]],
 
 
 def evaluation_provenance(weights: PathLike, ann_file: PathLike, project: Any, compound_coef: int, input_size: int,
-                          **settings: Any) -> Dict[str, Any]:
+                          *, clip_boxes: bool, **settings: Any) -> Dict[str, Any]:
     """What determines the results of an evaluation run: the fields of its provenance record (JSON-ready).
 
     Args:
         weights, ann_file: the checkpoint and the annotation file (recorded by sha256).
         project: the :class:`utils.config.project.ProjectConfig` (name, classes, anchors, mean/std recorded).
         compound_coef, input_size: the model and its input side.
+        clip_boxes: whether boxes were clipped to the original image (``coco_eval.py --clip_boxes``; the
+            published evaluation does not clip them), so that results of one setting are never re-scored
+            for the other.
         settings: every other option that shapes the detections (``coco_eval.py``: threshold,
             nms_threshold, nms, max_images, mode, float16), recorded as given.
     """
@@ -108,6 +113,7 @@ def evaluation_provenance(weights: PathLike, ann_file: PathLike, project: Any, c
         "std": list(project.std),
         "annotations_sha256": file_sha256(ann_file),
         "input_size": input_size,
+        "clip_boxes": bool(clip_boxes),
         **settings,
     }
 

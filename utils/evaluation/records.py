@@ -19,9 +19,6 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 
-BOX_DECIMALS = 2    # COCO ground truth has two decimals
-SCORE_DECIMALS = 6  # float32 scores in [0, 1] keep their order at this precision
-
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
 
 
@@ -42,14 +39,15 @@ def _as_id(value: Any) -> Optional[int]:
     return None
 
 
-def _box_problem(bbox: Any) -> Optional[str]:
-    """Why ``bbox`` is not a COCO ``[x, y, width, height]`` of finite numbers with width, height >= 0, or None."""
+def _box_problem(bbox: Any, negative_ok: bool = False) -> Optional[str]:
+    """Why ``bbox`` is not a COCO ``[x, y, width, height]`` of finite numbers with width, height >= 0 (any
+    sign with ``negative_ok``), or None."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return f"bbox must be [x, y, w, h], got {bbox!r}"
     bad = [v for v in bbox if not _is_finite_number(v)]
     if bad:
         return f"bbox {list(bbox)!r} holds {bad[0]!r}, not a finite number"
-    if bbox[2] < 0 or bbox[3] < 0:
+    if not negative_ok and (bbox[2] < 0 or bbox[3] < 0):
         return f"bbox {list(bbox)!r} has a negative width or height"
     return None
 
@@ -120,14 +118,16 @@ def load_results(results: Union[PathLike, Sequence[Mapping[str, Any]]]) -> List[
     """COCO result records from a list or a JSON file, validated.
 
     Returns fresh dict copies (pycocotools' ``loadRes`` adds keys to the records it is given), with
-    ``image_id`` and ``category_id`` as ints (``139.0`` is read as 139).
+    ``image_id`` and ``category_id`` as ints (``139.0`` is read as 139). A ``bbox`` with a negative width
+    or height is kept, with a counted warning: the published pipeline writes one for a box that starts past
+    the right or bottom edge of the network input (its clipping raises ``x1`` to 0 and lowers ``x2`` to
+    ``W - 1`` only), and pycocotools never matches it (and ignores it where its area is negative).
 
     Raises:
         FileNotFoundError: a path that does not exist.
         ValueError: invalid JSON, not a list, or a record without ``image_id``/``category_id``/``bbox``/
-            ``score``, with an id that is not an integer, a non-finite (NaN, inf) or non-numeric ``score``
-            or ``bbox`` value, or a ``bbox`` with a negative width or height; the message names the file,
-            the record index and the value.
+            ``score``, with an id that is not an integer, or a non-finite (NaN, inf) or non-numeric ``score``
+            or ``bbox`` value; the message names the file, the record index and the value.
     """
     origin = "results"
     if isinstance(results, (str, Path)):
@@ -151,10 +151,15 @@ def load_results(results: Union[PathLike, Sequence[Mapping[str, Any]]]) -> List[
         where = f"{origin}: record {index} (image_id {record['image_id']})"
         if not _is_finite_number(record["score"]):
             raise ValueError(f"{where}: score {record['score']!r} is not a finite number")
-        problem = _box_problem(record["bbox"])
+        problem = _box_problem(record["bbox"], negative_ok=True)
         if problem:
             raise ValueError(f"{where}: {problem}")
         records.append(record)
+    negative = sum(1 for r in records if r["bbox"][2] < 0 or r["bbox"][3] < 0)
+    if negative:
+        logger.warning("%s: %d result(s) with a negative width or height (a box starting past the right or bottom "
+                       "edge of the network input, as the published clipping leaves it): never matched, scored as "
+                       "pycocotools scores them", origin, negative)
     return records
 
 
@@ -173,8 +178,10 @@ def detections_to_coco(image_ids: Sequence[int], detections: Sequence["Detection
         obj_list: the project's class names; ``''`` marks an unused category id.
 
     Returns:
-        ``{"image_id", "category_id" (class index + 1), "bbox" [x, y, w, h] (original pixels,
-        2 decimals), "score" (6 decimals)}`` per detection, image by image in the given order.
+        ``{"image_id", "category_id" (class index + 1), "bbox" [x, y, w, h] (original pixels), "score"}``
+        per detection, image by image in the given order. The numbers are those the published
+        ``coco_eval.py`` writes: the float32 box with ``w = x2 - x1``, ``h = y2 - y1`` computed in float32,
+        and the float32 score, each as the Python float of that value (unrounded).
         Detections of a class whose ``obj_list`` entry is ``''`` are left out (no ground truth can
         exist for an unused id, so the metrics are unchanged); their count is logged as a warning.
 
@@ -186,14 +193,16 @@ def detections_to_coco(image_ids: Sequence[int], detections: Sequence["Detection
     records: List[Dict[str, Any]] = []
     skipped = 0
     for image_id, det in zip(image_ids, detections):
-        boxes = np.asarray(det.boxes, dtype=np.float64)
+        boxes = np.array(det.boxes, dtype=np.float32)  # a copy: the published rois, made xywh in place
         if boxes.size == 0:
             boxes = boxes.reshape(0, 4)
         class_ids = np.asarray(det.class_ids).reshape(-1)
-        scores = np.asarray(det.scores, dtype=np.float64).reshape(-1)
+        scores = np.asarray(det.scores, dtype=np.float32).reshape(-1)
         if boxes.ndim != 2 or boxes.shape[1] != 4 or not (len(boxes) == len(class_ids) == len(scores)):
             raise ValueError(f"image {image_id}: boxes {np.shape(det.boxes)}, class_ids {class_ids.shape} and "
                              f"scores {scores.shape} do not describe the same K detections")
+        boxes[:, 2] -= boxes[:, 0]
+        boxes[:, 3] -= boxes[:, 1]
         for box, class_id, score in zip(boxes, class_ids, scores):
             class_id = int(class_id)
             if not 0 <= class_id < len(obj_list):
@@ -202,14 +211,8 @@ def detections_to_coco(image_ids: Sequence[int], detections: Sequence["Detection
             if obj_list[class_id] == "":
                 skipped += 1
                 continue
-            x1, y1, x2, y2 = (float(v) for v in box)
-            records.append({
-                "image_id": int(image_id),
-                "category_id": class_id + 1,
-                "bbox": [round(x1, BOX_DECIMALS), round(y1, BOX_DECIMALS),
-                         round(x2 - x1, BOX_DECIMALS), round(y2 - y1, BOX_DECIMALS)],
-                "score": round(float(score), SCORE_DECIMALS),
-            })
+            records.append({"image_id": int(image_id), "category_id": class_id + 1, "bbox": box.tolist(),
+                            "score": float(score)})
     if skipped:
         logger.warning("left out %d detection(s) of unused classes (obj_list entry '')", skipped)
     return records

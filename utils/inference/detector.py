@@ -8,7 +8,9 @@ Used by ``efficientdet_test.py``, ``efficientdet_test_videos.py``, the evaluator
 
 Pre-processing is :func:`utils.inference.preprocess.preprocess` (project mean/std, aspect-preserving fit),
 post-processing :func:`utils.inference.postprocess.postprocess` (always float32, also under ``float16``), then the
-boxes are mapped back to each original image and clipped to it.
+boxes are mapped back to each original image: the published pipeline (``preprocess`` -> model -> ``postprocess``
+-> ``invert_affine``), whose boxes are clipped to the network input only, so a box reaching into the padding
+may end past the image border (``clip_to_image=True`` clips them to the image).
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ class Detector:
             another device it is a ValueError. Post-processing always runs in float32.
         threshold: default score threshold (keep score > threshold).
         iou_threshold: default NMS IoU threshold (suppress IoU > iou_threshold).
-        clip_to_image: clip boxes to the original image after mapping them back (default True).
+        clip_to_image: clip boxes to ``[0, W − 1] × [0, H − 1]`` of the original image after mapping them back
+            (default False: as published, clipped to the network input only).
         nms: "hard" (default: score > threshold, batched NMS, as the published implementation) or
             "soft" (the official evaluation: top-5000 class-anchor scores, per-class gaussian soft-NMS,
             at most 100 boxes; ``threshold``/``iou_threshold`` do not apply; see :mod:`utils.inference.soft_nms`).
@@ -70,7 +73,7 @@ class Detector:
     def __init__(self, model: EfficientDet, project: ProjectConfig, input_size: Optional[SizeSpec] = None,
                  device: Optional[Union[str, torch.device]] = None, float16: bool = False,
                  threshold: float = DEMO_THRESHOLDS.score, iou_threshold: float = DEMO_THRESHOLDS.iou,
-                 clip_to_image: bool = True,
+                 clip_to_image: bool = False,
                  nms: str = "hard", mode: str = "eager") -> None:
         if nms not in ("hard", "soft"):
             raise ValueError(f"nms must be 'hard' or 'soft', got {nms!r}")

@@ -1,4 +1,4 @@
-"""Post-processing of the network outputs into detections (SPEC §3), batched.
+"""Post-processing of the network outputs into detections (the published rules), batched.
 
 Decode the regression against the anchors (:class:`efficientdet.anchors.BBoxTransform`), clip to the
 network input (:class:`efficientdet.anchors.ClipBoxes`), score = max over classes, keep anchors with

@@ -1,12 +1,14 @@
-"""Image pre-processing and the inverse box mapping (SPEC §3), as the published implementation does it.
+"""Image pre-processing and the inverse box mapping, as the published implementation does it.
 
 Order (published ``preprocess`` / ``aspectaware_resize_padding``): BGR → RGB, ``/ 255``,
 ``(x − mean) / std``, THEN an aspect-preserving ``cv2.resize`` (bilinear) of the normalised image so that
 it fits the canvas (the longer side equals the input size; the shorter one is ``int(size / longer ·
-shorter)``), pasted at the top-left of a zero float32 canvas. Padding is therefore 0 in normalised units
-(the mean colour), not black. The pixel arithmetic and the geometry are the training pipeline's, from
-:mod:`efficientdet.transforms` (one dtype, float32; one geometry); this module adds reading, batching and
-the inverse box mapping.
+shorter)``; a square image fills the height: ``new_h = size``, ``new_w = int(size / side · side)``, as the
+published ``if old_w > old_h: fit the width, else the height``), pasted at the top-left of a zero float32
+canvas. Padding is therefore 0 in normalised units (the mean colour), not black. The pixel arithmetic and
+the geometry are the training pipeline's, from :mod:`efficientdet.transforms` (one pixel arithmetic; one
+geometry with the published tie rule of each side: the training ``Resizer`` fits a square image by its
+width, as published); this module adds reading, batching and the inverse box mapping.
 
 Boxes found on the canvas map back to the original image by dividing x by ``new_w / old_w`` and y by
 ``new_h / old_h`` (:func:`boxes_to_original`).
@@ -23,7 +25,8 @@ import torch
 from torch import Tensor
 
 from efficientdet.image_files import read_image as _read_checked_image
-from efficientdet.transforms import DEFAULT_MEAN, DEFAULT_STD, check_mean_std, letterbox, normalize, to_unit_rgb
+from efficientdet.transforms import (DEFAULT_MEAN, DEFAULT_STD, FIT_TIES_INFERENCE, check_mean_std, letterbox,
+                                     normalize, to_unit_rgb)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -130,8 +133,9 @@ def normalize_and_fit(image: np.ndarray, canvas_h: int, canvas_w: int, mean: Seq
                       std: Sequence[float]) -> Tuple[np.ndarray, int, int]:
     """One BGR uint8 image ``[H, W, 3]`` -> (canvas float32 ``[canvas_h, canvas_w, 3]`` RGB normalised, new_h, new_w):
     the training pipeline's steps (:mod:`efficientdet.transforms`): to RGB in [0, 1], normalise, then letterbox
-    (bilinear resize only when the size changes), as published."""
-    return letterbox(normalize(to_unit_rgb(image), mean, std), canvas_h, canvas_w)
+    (bilinear resize only when the size changes) with the published inference tie rule (a square image is
+    fitted by its height, :data:`efficientdet.transforms.FIT_TIES_INFERENCE`), as published."""
+    return letterbox(normalize(to_unit_rgb(image), mean, std), canvas_h, canvas_w, fit_ties_by=FIT_TIES_INFERENCE)
 
 
 def preprocess(images: ImageInput, input_size: SizeSpec, mean: Sequence[float] = DEFAULT_MEAN,

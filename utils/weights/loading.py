@@ -6,15 +6,19 @@ Accepted sources:
 - one of our training checkpoints (a dict with a ``"model"`` state_dict, see ``train.py``);
 - a state_dict (a mapping of names to tensors), e.g. from ``torch.load``.
 
-A ``module.`` prefix (DataParallel / DistributedDataParallel) is stripped. When only the class count
-differs, everything but the classification output layer is loaded (fine-tuning); a checkpoint of
-another model fails with a one-line error naming both.
+A ``module.`` prefix (DataParallel / DistributedDataParallel) is stripped. When the anchor or class
+count differs (fine-tuning), every other tensor is loaded and the heads' output layers whose shape depends
+on it (``regressor.header.pointwise_conv`` for anchors, ``classifier.header.pointwise_conv`` for anchors or
+classes) are re-initialised
+as the model initialises them; a checkpoint of another model fails with a one-line error naming both
+models and the first tensor that differs. A file that would run code when unpickled is refused.
 """
 from __future__ import annotations
 
 import io
 import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +35,54 @@ logger = logging.getLogger(__name__)
 StateDict = Dict[str, Tensor]
 Source = Union[str, Path, Mapping[str, Any]]
 
-CLASS_OUTPUT_PREFIX = "classifier.header."
+# The heads' output convs: their shapes depend on the anchor count (both) and the class count (classifier).
+# The header's depthwise conv before them keeps its shape and is loaded, as every other matching tensor.
+CLASS_OUTPUT_PREFIX = "classifier.header.pointwise_conv."
+BOX_OUTPUT_PREFIX = "regressor.header.pointwise_conv."
 _WIDTH_KEY = "bifpn.0.conv6_up.pointwise_conv.conv.weight"
 _CLASS_KEY = "classifier.header.pointwise_conv.conv.weight"
+_BOX_KEY = "regressor.header.pointwise_conv.conv.weight"
+_REJECTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+class HeadMismatchError(ValueError):
+    """The file's anchor or class count differs from the model's (``load_weights(strict_classes=True)``)."""
+
+
+@dataclass(frozen=True)
+class HeadCounts:
+    """Anchors per position and classes of a detector state_dict, read off its output layers' shapes."""
+
+    anchors: int
+    classes: int
+
+    def __str__(self) -> str:
+        return f"{_count(self.anchors, 'anchor')} x {_count(self.classes, 'class')}"
+
+    def difference(self, model: "HeadCounts") -> str:
+        """``"3 classes, model has 2"``: what differs, this (the file's) count first."""
+        if self.anchors == model.anchors:
+            return f"{_count(self.classes, 'class')}, model has {model.classes}"
+        if self.classes == model.classes:
+            return f"{_count(self.anchors, 'anchor')}, model has {model.anchors}"
+        return f"{self}, model has {model}"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "es" if noun.endswith("s") else "s")
+
+
+def head_counts(state_dict: Mapping[str, Tensor], origin: str = "state_dict") -> Optional[HeadCounts]:
+    """The anchors (box output channels / 4) and classes (class output channels / anchors) of a state_dict;
+    None without both output layers. ValueError when the channel counts do not divide."""
+    box, cls = state_dict.get(_BOX_KEY), state_dict.get(_CLASS_KEY)
+    if box is None or cls is None:
+        return None
+    box_out, class_out = int(box.shape[0]), int(cls.shape[0])
+    if box_out == 0 or box_out % 4 or class_out % (box_out // 4):
+        raise ValueError(f"{origin}: {_CLASS_KEY!r} has {class_out} outputs and {_BOX_KEY!r} {box_out}: "
+                         "not 4 per anchor and one per anchor and class")
+    return HeadCounts(box_out // 4, class_out // (box_out // 4))
 
 
 @dataclass(frozen=True)
@@ -84,11 +133,24 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for a damaged file; all mean the same here
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason[:200]})") from None
+        raise ValueError(_unreadable_message(path, str(exc).strip() or type(exc).__name__)) from None
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a state_dict or a training checkpoint, got {type(data).__name__}")
     return dict(data)
+
+
+def _unreadable_message(path: Path, text: str) -> str:
+    """The one-line error for a file ``torch.load(weights_only=True)`` raised ``text`` on. A file holding
+    pickled code or objects is named as refused, with the rejected global (torch's own text is advice to
+    load it unchecked, which would run that code)."""
+    if "weights only load failed" in text.lower() or "weights_only" in text:
+        match = _REJECTED_GLOBAL.search(text)
+        name = match.group(1) if match else "objects other than tensors"
+        if match and "." not in name:
+            name = f"builtins.{name}"
+        return (f"{path}: refused: loading this file would run code (it holds {name}); a weights file "
+                "holds only tensors, as torch.save(model.state_dict(), path) writes")
+    return f"{path}: not a readable PyTorch checkpoint ({text.splitlines()[0][:200]})"
 
 
 def extract_state_dict(checkpoint: Mapping[str, Any], origin: str = "checkpoint") -> StateDict:
@@ -127,18 +189,27 @@ def first_non_finite(obj: Any, prefix: str = "") -> Optional[str]:
 def load_weights(model: nn.Module, source: Source, strict_classes: bool = False) -> Tuple[str, ...]:
     """Load ``source`` into an :class:`EfficientDet` ``model``.
 
+    When the file's anchor or class count (read off its own output layers) differs from the model's,
+    every other tensor is loaded and the output layers that depend on the count are re-initialised with
+    the model's own init (PyTorch's conv init, the class bias at the focal-loss prior, the box bias at 0):
+    ``regressor.header.pointwise_conv`` and ``classifier.header.pointwise_conv`` for another anchor count,
+    ``classifier.header.pointwise_conv`` for another class count (the header's depthwise conv keeps its shape
+    and is loaded, as the published loader does). One warning names them and both counts.
+
     Args:
         model: the detector to fill.
         source: a checkpoint path or a state_dict / training checkpoint mapping.
-        strict_classes: fail instead of skipping the class output layer when the class count differs.
+        strict_classes: fail (:class:`HeadMismatchError`) instead of re-initialising when the anchor or
+            class count differs (inference, export, exact resume).
 
     Returns:
-        The keys left at their initial values (the class output layer when classes differ).
+        The re-initialised keys (empty when the counts match).
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the file is not a checkpoint, a tensor holds NaN or inf (the message names the
-            first such key), or it belongs to another model or class count.
+        ValueError: the file is not a checkpoint or holds pickled code, a tensor holds NaN or inf (the
+            message names the first such key), it belongs to another model (the message names the first
+            tensor that differs and both shapes), or (``strict_classes``) another anchor or class count.
     """
     origin = str(source) if isinstance(source, (str, Path)) else "state_dict"
     checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else dict(source)
@@ -148,7 +219,27 @@ def load_weights(model: nn.Module, source: Source, strict_classes: bool = False)
         raise ValueError(f"{origin}: tensor {bad!r} holds non-finite values (NaN or inf): a diverged or damaged "
                          "checkpoint")
     own = model.state_dict()
+    _check_model_family(model, state_dict, own, origin)
+    theirs, mine = head_counts(state_dict, origin), head_counts(own, "model")
+    heads = _outputs_to_reset(theirs, mine, origin, strict_classes)
+    skipped = tuple(k for k in own if k.startswith(heads))
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
+    difference = _first_difference(state_dict, {k: v for k, v in own.items() if k not in skipped})
+    if difference:
+        raise ValueError(f"{origin}: does not fit this model ({difference})")
+    if heads:
+        _reset_outputs(model, heads)
+    model.load_state_dict(state_dict, strict=not heads)
+    if heads:
+        logger.warning("%s: re-initialised %s: the file has %s, the model %s", origin,
+                       ", ".join(h.rstrip(".") for h in heads), theirs, mine)
+    return skipped
 
+
+def _check_model_family(model: nn.Module, state_dict: Mapping[str, Tensor], own: Mapping[str, Tensor],
+                        origin: str) -> None:
+    """ValueError naming both models (and the first tensor that differs) when the BiFPN width, cell count,
+    backbone depth or top level differ."""
     theirs, mine = describe_state_dict(state_dict), describe_state_dict(own)
     if (theirs.fpn_channels, theirs.fpn_cells, theirs.backbone_blocks, theirs.has_p8) != (
             mine.fpn_channels, mine.fpn_cells, mine.backbone_blocks, mine.has_p8):
@@ -156,33 +247,51 @@ def load_weights(model: nn.Module, source: Source, strict_classes: bool = False)
         model_name = config.name if config is not None else mine.model_name()
         raise ValueError(
             f"{origin}: checkpoint is {theirs.model_name()} (BiFPN width {theirs.fpn_channels}), "
-            f"model is {model_name} ({mine.fpn_channels}): pass the matching -c")
+            f"model is {model_name} ({mine.fpn_channels}): pass the matching -c "
+            f"({_first_difference(state_dict, own)})")
 
-    skipped: Tuple[str, ...] = ()
-    if theirs.class_outputs != mine.class_outputs:
-        num_anchors = getattr(model.classifier, "num_anchors", 1)
-        ckpt_classes = (theirs.class_outputs or 0) // num_anchors
-        model_classes = (mine.class_outputs or 0) // num_anchors
-        if strict_classes:
-            raise ValueError(f"{origin}: checkpoint has {ckpt_classes} classes, model has {model_classes}")
-        skipped = tuple(k for k in own if k.startswith(CLASS_OUTPUT_PREFIX))
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASS_OUTPUT_PREFIX)}
-        logger.warning("%s: checkpoint has %d classes, model has %d: loaded everything except the "
-                       "classification output layer (fine-tuning)", origin, ckpt_classes, model_classes)
 
-    missing = [k for k in own if k not in state_dict and k not in skipped]
-    unexpected = [k for k in state_dict if k not in own]
-    if missing or unexpected:
-        detail = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise ValueError(f"{origin}: does not fit this model ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected keys; {detail})")
-    wrong = [k for k, v in state_dict.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise ValueError(f"{origin}: shape of {k!r} is {tuple(state_dict[k].shape)}, model has "
-                         f"{tuple(own[k].shape)} (anchor scales/ratios or model differ)")
-    model.load_state_dict(state_dict, strict=not skipped)
-    return skipped
+def _outputs_to_reset(theirs: Optional[HeadCounts], mine: Optional[HeadCounts], origin: str,
+                      strict: bool) -> Tuple[str, ...]:
+    """The key prefixes of the output layers to re-initialise for these counts (file, model)."""
+    if theirs is None or mine is None or theirs == mine:
+        return ()
+    if strict:
+        raise HeadMismatchError(f"{origin}: checkpoint has {theirs.difference(mine)}")
+    if theirs.anchors != mine.anchors:
+        return BOX_OUTPUT_PREFIX, CLASS_OUTPUT_PREFIX
+    return (CLASS_OUTPUT_PREFIX,)
+
+
+@torch.no_grad()
+def _reset_outputs(model: nn.Module, prefixes: Tuple[str, ...]) -> None:
+    """Re-initialise the output layers named by ``prefixes`` as the model builds them: each conv's own
+    ``reset_parameters``, then the model's bias init (the kept layer's bias is loaded over it afterwards)."""
+    for prefix in prefixes:
+        for module in model.get_submodule(prefix.rstrip(".")).modules():
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
+    reset_biases = getattr(model, "reset_head_biases", None)
+    if reset_biases is not None:
+        reset_biases()
+
+
+def _first_difference(theirs: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> Optional[str]:
+    """``"1 of another shape, 0 missing, 0 unexpected; first: 'key' is (..) in the file, (..) in the model"``,
+    or None when the keys and shapes match."""
+    shaped = {k for k in own if k in theirs and tuple(theirs[k].shape) != tuple(own[k].shape)}
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    first = next((k for k in own if k in shaped or k not in theirs), unexpected[0] if unexpected else None)
+    if first is None:
+        return None
+    if first not in theirs:
+        detail = f"{first!r} {tuple(own[first].shape)} is not in the file"
+    elif first not in own:
+        detail = f"{first!r} {tuple(theirs[first].shape)} is not in the model"
+    else:
+        detail = f"{first!r} is {tuple(theirs[first].shape)} in the file, {tuple(own[first].shape)} in the model"
+    return f"{len(shaped)} of another shape, {len(missing)} missing, {len(unexpected)} unexpected; first: {detail}"
 
 
 TEMP_SUFFIX = ".tmp"
