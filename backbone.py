@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from efficientdet.anchors import DEFAULT_RATIOS, DEFAULT_SCALES, Anchors
 from efficientdet.config import ModelConfig, get_model_config
 from efficientdet.model import BiFPN, Classifier, InferenceHeads, Regressor
+from efficientnet.checkpointing import checkpointed, needs_checkpoint
 from efficientnet.model import EfficientNetBackbone
 from efficientnet.utils import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, Swish
 
@@ -86,6 +87,7 @@ class EfficientDet(nn.Module):
         self.classifier = Classifier(cfg.fpn_channels, num_anchors, num_classes, cfg.head_repeats, num_levels)
         self.anchors = Anchors(cfg.anchor_scale, cfg.pyramid_levels, scales=scales, ratios=ratios)
         self.backbone_net = backbone
+        self.grad_checkpointing = False  # see set_grad_checkpointing
         self.reset_head_biases()
 
     @torch.no_grad()
@@ -102,11 +104,26 @@ class EfficientDet(nn.Module):
 
     def forward(self, inputs: Tensor, logits: bool = False) -> Tuple[Tuple[Tensor, ...], Tensor, Tensor, Tensor]:
         check_images(inputs, self.config)
-        features = self.bifpn(self.backbone_net(inputs))
+        features = self.backbone_net(inputs)
+        for cell in self.bifpn:
+            if self.grad_checkpointing and needs_checkpoint(cell):
+                features = checkpointed(lambda *xs, cell=cell: cell(xs), cell, *features)
+            else:
+                features = cell(features)
         regression = self.regressor(features)
         classification = self.classifier(features, logits=logits)
         anchors = self.anchors(inputs)
         return features, regression, classification, anchors
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "EfficientDet":
+        """Activation checkpointing in training (timm's name): the backbone's stages (the stem with the first),
+        each BiFPN cell and each head's levels keep only their inputs in the forward and run again in the
+        backward (:func:`efficientnet.checkpointing.checkpointed`): less memory for about one more forward's
+        compute, same gradients. Parts without trainable parameters (``--head_only``) are not checkpointed."""
+        self.grad_checkpointing = bool(enable)
+        self.backbone_net.model.grad_checkpointing = bool(enable)
+        self.regressor.grad_checkpointing = self.classifier.grad_checkpointing = bool(enable)
+        return self
 
     @torch.no_grad()
     def fold_batchnorm(self) -> "EfficientDet":

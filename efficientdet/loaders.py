@@ -1,6 +1,9 @@
 """Batching (:func:`collater`) and the train / val DataLoaders of a project (:func:`create_dataloaders`)."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -48,6 +51,24 @@ def collater(batch: Sequence[Sample]) -> Dict[str, Any]:
     return {"img": images.permute(0, 3, 1, 2).contiguous(), "annot": padded,
             "scale": [float(s.get("scale", 1.0)) for s in batch],
             "image_id": [s.get("image_id", -1) for s in batch]}
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of the loaders: a worker leaves a stop to the main process. It ignores SIGINT (Ctrl+C
+    reaches the whole process group) and a SIGTERM from anyone but the main process (one to the group); a
+    SIGTERM from the main process (its shutdown of the workers) still ends it, as in PyTorch's own worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: SIGTERM keeps PyTorch's handling
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = os.getppid()
+
+    def end_on_sigterm_from_parent() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=end_on_sigterm_from_parent, daemon=True).start()
 
 
 class DataBundle(NamedTuple):
@@ -105,7 +126,9 @@ def create_dataloaders(project: ProjectLike, data_path: Union[str, Path], input_
     generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=train_sampler is None,
                               sampler=train_sampler, drop_last=True, collate_fn=collater,
-                              num_workers=num_workers, pin_memory=pin_memory, generator=generator)
+                              num_workers=num_workers, pin_memory=pin_memory, generator=generator,
+                              worker_init_fn=ignore_stop_signals)
     val_loader = DataLoader(val_set, batch_size=val_batch_size or batch_size, shuffle=False, sampler=val_sampler,
-                            drop_last=False, collate_fn=collater, num_workers=num_workers, pin_memory=pin_memory)
+                            drop_last=False, collate_fn=collater, num_workers=num_workers, pin_memory=pin_memory,
+                            worker_init_fn=ignore_stop_signals)
     return DataBundle(train_set, val_set, train_loader, val_loader)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from efficientnet.checkpointing import checkpointed, needs_checkpoint
 from efficientnet.model import batch_norm
 from efficientnet.utils import TRACE_CACHE_SIZE, Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, Swish
 
@@ -190,19 +191,26 @@ class Head(nn.Module):
         self.header = SeparableConvBlock(in_channels, num_anchors * num_outputs, norm=False)
         self.swish = Swish()
         self.apply_sigmoid = False  # the classifier's output activation
+        self.grad_checkpointing = False  # activation checkpointing per level (EfficientDet.set_grad_checkpointing)
 
     def forward(self, inputs: Sequence[Tensor], logits: bool = False) -> Tensor:
         """inputs: per-level Tensor[B, C, H_l, W_l] -> Tensor[B, N, num_outputs], N = Σ_l H_l·W_l·num_anchors,
         levels in order, positions row-major, anchors innermost. The output activation (the classifier's
         sigmoid) is applied unless ``logits``."""
         outs = []
+        checkpoint = self.grad_checkpointing and needs_checkpoint(self)
         for feat, bns in zip(inputs, self.bn_list):
-            for conv, bn in zip(self.conv_list, bns):
-                feat = self.swish(bn(conv(feat)))
-            feat = self.header(feat)
+            feat = checkpointed(self._level, [self.conv_list, bns, self.header], feat, bns) if checkpoint else (
+                self._level(feat, bns))
             outs.append(feat.permute(0, 2, 3, 1).reshape(feat.shape[0], -1, self.num_outputs))
         out = torch.cat(outs, dim=1)
         return out.sigmoid() if self.apply_sigmoid and not logits else out
+
+    def _level(self, feat: Tensor, bns: nn.ModuleList) -> Tensor:
+        """One level: the shared convs, each with this level's BN and swish, then the output conv."""
+        for conv, bn in zip(self.conv_list, bns):
+            feat = self.swish(bn(conv(feat)))
+        return self.header(feat)
 
     @torch.no_grad()
     def fold_batchnorm(self) -> "FoldedHead":

@@ -5,12 +5,16 @@ published checkpoints, so their state_dicts load unchanged.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpointing import checkpointed, needs_checkpoint
+from .lean import batchnorm_swish, batchnorm_swish_saved, scale_swish_output
 from .config import DROP_CONNECT_RATE, STEM_CHANNELS, get_scaling, round_filters, scaled_blocks
 from .utils import BN_EPS, BN_MOMENTUM, Conv2dStaticSamePadding, Swish, drop_connect
 
@@ -51,11 +55,11 @@ class MBConvBlock(nn.Module):
         """inputs: Tensor[B, C_in, H, W] -> Tensor[B, C_out, H / stride, W / stride]."""
         x = inputs
         if self.has_expansion:
-            x = self._swish(self._bn0(self._expand_conv(x)))
-        x = self._swish(self._bn1(self._depthwise_conv(x)))
+            x = batchnorm_swish(self._bn0, self._expand_conv(x))  # swish(bn(x)), keeping less for the backward
+        x, saved = batchnorm_swish_saved(self._bn1, self._depthwise_conv(x))
         squeezed = x.mean(dim=(2, 3), keepdim=True)
         squeezed = self._se_expand(self._swish(self._se_reduce(squeezed)))
-        x = torch.sigmoid(squeezed) * x
+        x = scale_swish_output(x, torch.sigmoid(squeezed), saved)  # sigmoid(squeezed) * x
         x = self._bn2(self._project_conv(x))
         if self.has_residual:
             x = drop_connect(x, drop_connect_rate, self.training) + inputs
@@ -158,21 +162,38 @@ class EfficientNet(nn.Module):
             i - 1 for i, block in enumerate(blocks) if block.stride == 2) + (last,)
         self.feature_channels: Tuple[int, ...] = tuple(
             blocks[i]._bn2.num_features for i in self.feature_indices)
+        # Block index ranges [start, stop) of the stages (activation checkpointing runs one stage at a time).
+        starts = list(itertools.accumulate([0] + [stage.repeats for stage in scaled_blocks(variant)]))
+        self.stages: Tuple[Tuple[int, int], ...] = tuple(zip(starts[:-1], starts[1:]))
+        self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> List[Tensor]:
         """x: Tensor[B, 3, H, W] normalised RGB -> feature maps at strides 4, 8, 16, 32.
 
-        (The stride-2 map of the stem stage is not returned: no pyramid level uses it.)
+        (The stride-2 map of the stem stage is not returned: no pyramid level uses it.) With
+        :attr:`grad_checkpointing` each stage (the stem with the first) keeps only its input for the backward.
         """
-        x = self._swish(self._bn0(self._conv_stem(x)))
         features: List[Tensor] = []
-        num_blocks = len(self._blocks)
         wanted = self.feature_indices[1:]
-        for idx, block in enumerate(self._blocks):
-            x = block(x, self.drop_connect_rate * idx / num_blocks)
-            if idx in wanted:
+        for start, stop in self.stages:
+            modules = list(self._blocks[start:stop]) + ([self._conv_stem, self._bn0] if start == 0 else [])
+            if self.grad_checkpointing and needs_checkpoint(modules):
+                x = checkpointed(functools.partial(self._run_stage, start, stop), modules, x)
+            else:
+                x = self._run_stage(start, stop, x)
+            if stop - 1 in wanted:
                 features.append(x)
         return features
+
+    def _run_stage(self, start: int, stop: int, x: Tensor) -> Tensor:
+        """Blocks ``start … stop - 1`` (after the stem when ``start`` is 0)."""
+        if start == 0:
+            x = batchnorm_swish(self._bn0, self._conv_stem(x)) if isinstance(self._bn0, nn.BatchNorm2d) else (
+                self._swish(self._bn0(self._conv_stem(x))))  # after fuse_(), _conv_stem applies the swish
+        num_blocks = len(self._blocks)
+        for idx in range(start, stop):
+            x = self._blocks[idx](x, self.drop_connect_rate * idx / num_blocks)
+        return x
 
     @torch.no_grad()
     def fold_batchnorm_(self) -> None:

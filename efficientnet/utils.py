@@ -115,7 +115,12 @@ class MaxPool2dStaticSamePadding(nn.Module):
 
 
 class Swish(nn.Module):
-    """``x * sigmoid(x)`` (SiLU); PyTorch's fused kernel, exportable to ONNX."""
+    """``x * sigmoid(x)`` (SiLU); PyTorch's fused kernel, exportable to ONNX.
+
+    Memory-efficient in training already: ``F.silu``'s backward keeps only the input and recomputes the
+    sigmoid, which is what the published ``MemoryEfficientSwish`` (a custom autograd Function) does by hand;
+    measured against such a Function on a D0 training step, the fused kernel is as small and faster.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         return F.silu(x)
@@ -123,6 +128,29 @@ class Swish(nn.Module):
     def fuse(self) -> "InplaceSwish":
         """The inference form: swish in place (:class:`InplaceSwish`)."""
         return InplaceSwish()
+
+
+#: The published names: both were ``x * sigmoid(x)``, one with a hand-written backward.
+MemoryEfficientSwish = Swish
+
+
+class SwishFunction(torch.autograd.Function):
+    """The published ``SwishImplementation``: swish whose backward keeps only its input,
+    ``d/dx x·σ(x) = σ(x)·(1 + x·(1 − σ(x)))``. Kept for published code; :class:`Swish` is the faster form."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        sig = torch.sigmoid(x)
+        return grad * (sig * (1 + x * (1 - sig)))
+
+
+SwishImplementation = SwishFunction
 
 
 def drop_connect(x: Tensor, rate: float, training: bool) -> Tensor:

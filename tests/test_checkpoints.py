@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+import utils.training.runfolder
 import utils.weights.loading
 from tests.test_train import base_args, ckpt_dir, latest_state, read_log, write_tiny_project
 from utils.weights.checkpoints import (find_resume_point, pointer_path, read_state, save_checkpoint,
@@ -49,6 +50,12 @@ def test_pair_pointer_and_refusal_of_non_finite(tmp_path):
                         {"optimizer": {"m": torch.tensor([float("inf")])}}, 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "efficientdet-d0_0_1.pth", "efficientdet-d0_0_1.state.pt", "efficientdet-d0_last.json"]
+
+
+def test_the_pointer_records_epoch_and_step_of_the_save(tmp_path):
+    save_checkpoint(tmp_path, "efficientdet-d0_2_7.pth", small_state_dict(), {"run": {"epoch": 3, "step": 7}}, 0)
+    assert json.loads(pointer_path(tmp_path, 0).read_text()) == {
+        "weights": "efficientdet-d0_2_7.pth", "state": "efficientdet-d0_2_7.state.pt", "epoch": 3, "step": 7}
 
 
 def test_a_replaced_weights_file_is_not_resumed_with_its_old_state(tmp_path):
@@ -125,6 +132,13 @@ def test_train_disk_full_exits_non_zero_and_keeps_the_last_checkpoint(tmp_path, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(utils.weights.loading.os, "write", full)
+    # Full before the start: the probe of the folder stops the run before step 1.
+    assert train.main(train.parse_args(args + ["-w", "last", "--max_steps", "2"])) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: [Errno 28] cannot write checkpoints to") and "No space left" in err[-1]
+    assert not read_log(tmp_path, "d").get(2)
+    # Full once training runs (the probe passed): the save fails in one line.
+    monkeypatch.setattr(utils.training.runfolder, "check_writable", lambda folder: folder)
     assert train.main(train.parse_args(args + ["-w", "last", "--max_steps", "2"])) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: [Errno 28] cannot write") and "No space left on device" in err[-1]

@@ -91,7 +91,8 @@ def test_interrupt_and_resume_continue_exactly(tmp_path):
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output  # saved, then the exit status of SIGINT so that `train && eval` stops
-    assert "checkpoint saved" in output and "-w last" in output
+    # Saved, unless the signal came right after an epoch-end save (then that pair holds the point).
+    assert ("checkpoint saved" in output or "holds this point" in output) and "-w last" in output
     done = max(read_log(tmp_path, "run"))
     assert 3 <= done < 8
     saved = list((tmp_path / "run" / "ckpt" / "tiny").glob("efficientdet-d0_*_*.pth"))
@@ -183,7 +184,8 @@ def test_overfits_two_images_and_detects_their_boxes(tmp_path, monkeypatch):
         "--val_interval", "40", "--val_map", "--seed", "0", "--bn_momentum", "0.1"]
     assert train.main(train.parse_args(args + ["--max_steps", "2", "--debug"])) == 0
     assert sorted(p.name for p in (tmp_path / "test").glob("debug_*.jpg")) == ["debug_e0_s1.jpg", "debug_e1_s2.jpg"]
-    assert train.main(train.parse_args(args + ["-w", "last"])) == 0
+    # A resume keeps the saved --max_steps and --debug: lift the one, turn off the other.
+    assert train.main(train.parse_args(args + ["-w", "last", "--max_steps", "0", "--debug", "False"])) == 0
 
     log = read_log(tmp_path, "fit")
     first = np.mean([log[s]["loss"] for s in (1, 2, 3)])
@@ -297,8 +299,9 @@ def test_resume_rules_lr_optimizer_epochs(tmp_path, capsys):
     assert run_train(tmp_path, yaml_path, "r", *common, "-w", "last", "--optim", "adamw", "--max_steps", "6") == 0
     state = latest_state(tmp_path, "r")
     assert "exp_avg" in next(iter(state["optimizer"]["state"].values()))
-    # --num_epochs on resume replaces the saved 500: 2 images, batch 2, one step per epoch, so 8 in all.
-    assert run_train(tmp_path, yaml_path, "r", *common, "-w", "last", "--num_epochs", "8") == 0
+    # --num_epochs on resume replaces the saved 500: 2 images, batch 2, one step per epoch, so 8 in all
+    # (--max_steps 0 lifts the saved limit of 6).
+    assert run_train(tmp_path, yaml_path, "r", *common, "-w", "last", "--num_epochs", "8", "--max_steps", "0") == 0
     assert max(read_log(tmp_path, "r")) == 8 and latest_state(tmp_path, "r")["run"]["epoch"] == 8
 
 
@@ -347,7 +350,7 @@ def test_previous_single_file_checkpoints_still_resume(tmp_path):
     common = ["--batch_size", "2", "--val_interval", "0", "--save_interval", "0", "--max_steps", "5"]
     assert run_train(tmp_path, yaml_path, "old", *common, "-w", "last") == 0
     log = read_log(tmp_path, "old")
-    assert sorted(log) == [4, 5] and log[4]["epoch"] == 3 and log[4]["lr"] == pytest.approx(1e-3)
+    assert sorted(log) == [4, 5] and log[4]["epoch"] == 4 and log[4]["lr"] == pytest.approx(1e-3)  # 1-based
     assert run_train(tmp_path, yaml_path, "old2", *common, "-w", str(folder / "efficientdet-d0_2_3.pth")) == 0
     assert sorted(read_log(tmp_path, "old2")) == [4, 5]
 
@@ -363,20 +366,21 @@ def test_batch_larger_than_the_dataset_is_an_error_at_start(tmp_path, capsys):
 def test_stop_signals_in_every_phase(tmp_path, monkeypatch, capsys):
     """SIGINT while loading data: nothing to save, exit 130. SIGTERM during a step: saved, exit 143.
     SIGINT during validation: saved, exit 130, and the resumed run validates that epoch first."""
+    from utils.training import setup as setup_module
     from utils.training import trainer as trainer_module
 
     yaml_path = write_tiny_project(tmp_path)
     common = ["--batch_size", "2", "--save_interval", "0", "--num_epochs", "3"]
-    real_loaders = trainer_module.create_dataloaders
+    real_loaders = setup_module.create_dataloaders
 
     def signal_while_loading(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         return real_loaders(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "create_dataloaders", signal_while_loading)
+    monkeypatch.setattr(setup_module, "create_dataloaders", signal_while_loading)
     assert run_train(tmp_path, yaml_path, "sig", *common) == 130
     assert "nothing to save" in capsys.readouterr().err
-    monkeypatch.setattr(trainer_module, "create_dataloaders", real_loaders)
+    monkeypatch.setattr(setup_module, "create_dataloaders", real_loaders)
 
     real_step = trainer_module.Trainer.train_step
 
@@ -386,7 +390,10 @@ def test_stop_signals_in_every_phase(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", sigterm_during_step)
     assert run_train(tmp_path, yaml_path, "sig", *common) == 143
-    assert (ckpt_dir(tmp_path, "sig") / "efficientdet-d0_1_1.pth").is_file()  # the step finished, then saved
+    # The step finished (the epoch's only one), the epoch-end pair was saved, and the stop came in the
+    # validation after it: that pair holds the point, no second pair.
+    assert sorted(p.name for p in ckpt_dir(tmp_path, "sig").glob("*_*_*.pth")) == ["efficientdet-d0_0_1.pth"]
+    assert "efficientdet-d0_0_1.pth holds this point" in capsys.readouterr().out
     monkeypatch.setattr(trainer_module.Trainer, "train_step", real_step)
 
     real_validate = trainer_module.Trainer.validate

@@ -1,5 +1,6 @@
-"""Training: the loop (:mod:`.trainer`), its state and resumption (:mod:`.state`), its log and debug images
-(:mod:`.reporting`), the building blocks (:mod:`.parts`: loss wrapper, EMA, sampler, finite guard, stop
+"""Training: the loop (:mod:`.trainer`), its state and resumption (:mod:`.state`), the settings a resume keeps
+(:mod:`.settings`), what a process sets up (:mod:`.setup`), the checkpoint folder's lock (:mod:`.runfolder`), its
+log and debug images (:mod:`.reporting`), the building blocks (:mod:`.parts`: loss wrapper, EMA, sampler, finite guard, stop
 signals) and the processes (:mod:`.launch`). ``train.py`` is the command line over :func:`run_training`.
 """
 from utils.training.parts import (FiniteGuard, Interrupted, ModelEMA, ModelWithLoss, ResumableSampler, StopRequest,

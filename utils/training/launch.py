@@ -8,22 +8,27 @@ import os
 import signal
 import socket
 import sys
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from utils.config.cli import run_script
 from utils.config.project import load_project
-from utils.training.parts import Interrupted, StopRequest
+from utils.training.parts import Interrupted, StopRequest, distributed_context
+from utils.training.runfolder import RunFolderLock
 from utils.training.trainer import Trainer
 
 
 def train_process(args: argparse.Namespace) -> int:
-    """One process's training, signals handled from the first line (nothing to save before training)."""
+    """One process's training, signals handled from the first line (nothing to save before training). The
+    checkpoint folder is checked writable and locked first (rank 0), for the whole run."""
     with StopRequest() as stop:
         try:
-            trainer = Trainer(args, stop)
-            return trainer.run()
+            folder = Path(args.saved_path) / load_project(args.project).project_name
+            with RunFolderLock(folder) if distributed_context()[0] == 0 else nullcontext():
+                return Trainer(args, stop).run()
         except Interrupted:
             print(f"{stop.name}: stopped before training started; nothing to save", file=sys.stderr)
             return stop.exit_code
@@ -52,8 +57,9 @@ def launch_workers(args: argparse.Namespace, world: int) -> int:
     if use_cuda and torch.cuda.device_count() < world:
         raise ValueError(f"num_gpus: {world} in {args.project}, but this machine has {torch.cuda.device_count()} "
                          "CUDA device(s): lower num_gpus")
-    print(f"num_gpus: {world}: starting {world} training processes ({'NCCL' if use_cuda else 'gloo on the CPU'}), "
-          f"{args.batch_size // max(1, world)} images each per step")
+    each = f", {args.batch_size // world} images each per step" if args.batch_size else ""
+    print(f"num_gpus: {world}: starting {world} training processes ({'NCCL' if use_cuda else 'gloo on the CPU'})"
+          + each)
     context = torch.multiprocessing.get_context("spawn")
     port = _free_port()
     workers = [context.Process(target=_worker, args=(rank, world, port, args)) for rank in range(world)]
@@ -82,7 +88,7 @@ def run_training(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
     world = load_project(args.project).num_gpus
     if world > 1 and "WORLD_SIZE" not in os.environ:
-        if args.batch_size % world:
+        if args.batch_size is not None and args.batch_size % world:
             raise ValueError(f"--batch_size {args.batch_size} is the total over {world} processes (num_gpus: "
                              f"{world}): use a multiple of {world}")
         return launch_workers(args, world)

@@ -2,19 +2,19 @@
 
 - :class:`RunState`: the counters a checkpoint carries (epoch, step, best metric, ...);
 - the optimizer and schedule builders (``--optim``, ``--lr_schedule``);
-- :func:`resolve_weights` / :func:`resolve_settings`: what ``-w`` names and which settings a resumed run
-  takes from its checkpoint (an explicit ``--lr``, ``--optim`` or ``--num_epochs`` wins, logged);
+- :func:`resolve_weights`: what ``-w`` names (the settings a resumed run keeps: :mod:`.settings`);
 - :func:`training_state` / :func:`restore_training_state`: the ``.state.pt`` companion of a checkpoint
   (optimizer, scheduler, AMP scaler, EMA, RNG, counters, settings) and its exact restoration;
-- :func:`initial_run_state`: the counters a run starts from (resumed, continued from a file name, or zero).
+- :func:`schedule_start` / :func:`initial_run_state`: the step a run's schedule starts at and the counters it
+  starts from (resumed, continued from a file name, or zero).
 """
 from __future__ import annotations
 
 import argparse
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, FrozenSet, List, Optional
 
 import numpy as np
 import torch
@@ -22,10 +22,10 @@ from torch import nn
 
 from utils.weights.checkpoints import LEGACY_FORMAT, ResumePoint, find_resume_point, step_from_name
 from utils.training.parts import ModelEMA, warmup_cosine_lambda
+from utils.training.settings import DEFAULTS
 from utils.weights.loading import extract_state_dict, read_checkpoint
 
-# Settings a resumed run takes from its checkpoint unless given on the command line.
-RESUMED_DEFAULTS = {"lr": 1e-4, "optim": "adamw", "num_epochs": 500}
+WARMUP_START = 0.1  # the warm-up starts at this fraction of --lr (official)
 
 @dataclass
 class RunState:
@@ -37,6 +37,8 @@ class RunState:
     bad_steps: int = 0
     skipped_steps: int = 0
     pending_val: bool = False   # the finished epoch still needs its validation (interrupted during it)
+    schedule_start: int = 0     # the step the lr schedule of this run started at (a fine-tune continues a count)
+    epoch_losses: List[float] = field(default_factory=list)  # this epoch's so far (the plateau schedule's input)
 
 
 def seed_everything(seed: int) -> None:
@@ -70,14 +72,23 @@ def build_optimizer(args: argparse.Namespace, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, args.lr, momentum=0.9, nesterov=True, **kwargs)
 
 
-def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                    start: int = 0, log: Optional[Callable[[str], None]] = None):
+    """``--lr_schedule``: ReduceLROnPlateau (patience 3), or a linear warm-up from ``WARMUP_START * lr`` over
+    ``--warmup_epochs`` then a cosine to 0, spanning the steps from ``start`` (the step the run starts its
+    schedule at) to the end of the run (``--num_epochs`` or ``--max_steps``): the first step takes the warm-up
+    start, the last the cosine's end. The cosine schedule is logged in one line."""
     if args.lr_schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=3)
-    total = max(1, args.num_epochs * steps_per_epoch)
+    end = args.num_epochs * steps_per_epoch
     if args.max_steps:
-        total = min(total, args.max_steps)
+        end = min(end, args.max_steps)
+    steps = max(1, end - start)
     warmup = int(round(args.warmup_epochs * steps_per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(total, warmup))
+    if log is not None and end > start:
+        log(f"lr schedule: steps {start + 1}-{end}: linear warm-up over {warmup} steps from "
+            f"{WARMUP_START * args.lr:.3g} to {args.lr:.3g}, then cosine to 0 at step {end}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(steps - 1, warmup, WARMUP_START))
 
 
 def resolve_weights(args: argparse.Namespace, run_dir: Path) -> Optional[ResumePoint]:
@@ -95,20 +106,6 @@ def resolve_weights(args: argparse.Namespace, run_dir: Path) -> Optional[ResumeP
     return ResumePoint(path, checkpoint if checkpoint.get("format") == LEGACY_FORMAT else None)
 
 
-def resolve_settings(args: argparse.Namespace, saved: Optional[Dict[str, Any]], log) -> argparse.Namespace:
-    """Fill ``--lr``, ``--optim``, ``--num_epochs``: the command line's when given (logged when it replaces
-    a saved value), else the resumed run's, else the defaults."""
-    settings = argparse.Namespace(**vars(args))
-    config = (saved or {}).get("config") or {}
-    for key, default in RESUMED_DEFAULTS.items():
-        given, before = getattr(args, key), config.get(key)
-        if given is None:
-            setattr(settings, key, before if before is not None else default)
-        elif before is not None and given != before:
-            log(f"--{key} {given} replaces the resumed run's {before}")
-    return settings
-
-
 def training_state(run: RunState, args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
                    scheduler: Any, scaler: torch.amp.GradScaler, ema: Optional[ModelEMA], extra: Dict[str, Any]
                    ) -> Dict[str, Any]:
@@ -123,39 +120,56 @@ def training_state(run: RunState, args: argparse.Namespace, model: nn.Module, op
 
 def restore_training_state(ckpt: Dict[str, Any], weights_file: Path, args: argparse.Namespace, model: nn.Module,
                            optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
-                           ema: Optional[ModelEMA], lr_given: bool, log: Callable[[str], None]) -> RunState:
+                           ema: Optional[ModelEMA], given: FrozenSet[str], log: Callable[[str], None]) -> RunState:
     """Continue the saved run ``ckpt`` (the ``.state.pt`` beside ``weights_file``, already loaded into
-    ``model``): returns its counters. A changed optimizer or schedule starts fresh (logged), an explicit
-    ``--lr`` is applied at the resumed step; an incomplete state is a ValueError, never a traceback."""
+    ``model``): returns its counters. A changed optimizer or schedule starts fresh (logged); an explicit
+    ``--lr``, ``--weight_decay`` or ``--ema_decay`` (in ``given``) applies from the resumed step on; an
+    incomplete state is a ValueError, never a traceback."""
     try:
-        return _restore(ckpt, weights_file, args, model, optimizer, scheduler, scaler, ema, lr_given, log)
+        return _restore(ckpt, weights_file, args, model, optimizer, scheduler, scaler, ema, given, log)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{weights_file}: incomplete training state ({type(exc).__name__}: {exc}); "
-                         "pass it with -w FILE to fine-tune from its weights") from None
+                         f"to fine-tune from its weights instead: -w {weights_file}") from None
+
+
+def schedule_start(resume: Optional[ResumePoint]) -> int:
+    """The step the learning-rate schedule of this run starts at: the resumed run's, else the step a
+    published-style file name continues (``-w efficientdet-d0_9_3000.pth``: 3000), else 0."""
+    if resume is None:
+        return 0
+    if resume.state is not None:
+        return int((resume.state.get("run") or {}).get("schedule_start", 0))
+    return step_from_name(resume.weights) or 0
 
 
 def initial_run_state(resume: Optional[ResumePoint], args: argparse.Namespace, model: nn.Module,
                       optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
-                      ema: Optional[ModelEMA], lr_given: bool, steps_per_epoch: int,
+                      ema: Optional[ModelEMA], given: FrozenSet[str], steps_per_epoch: int,
                       log: Callable[[str], None]) -> RunState:
     """The counters a run starts from: the resumed run's (see :func:`restore_training_state`), else zero with,
     for ``-w efficientdet-d0_9_3000.pth``, the step counter continuing from the name (published)."""
     if resume is not None and resume.state is not None:
         run = restore_training_state(resume.state, resume.weights, args, model, optimizer, scheduler, scaler, ema,
-                                     lr_given, log)
-        log(f"resuming {resume.weights.name} at epoch {run.epoch}, step {run.step}, "
-            f"lr {optimizer.param_groups[0]['lr']:.3g}")
+                                     given, log)
+        saved_batch = (resume.state.get("config") or {}).get("batch_size") or args.batch_size
+        if saved_batch != args.batch_size and run.epoch_step:  # keep the samples done, in batches of the new size
+            run.epoch_step = min(steps_per_epoch, run.epoch_step * saved_batch // args.batch_size)
+            log(f"--batch_size {args.batch_size} mid-epoch: the epoch goes on after its first "
+                f"{run.epoch_step * args.batch_size} samples")
+        log(f"resuming {resume.weights.name} at epoch {run.epoch + 1} (step {run.step}, {run.epoch_step} of the "
+            f"epoch's steps done), lr {optimizer.param_groups[0]['lr']:.3g}")
         return run
     run = RunState()
     step = step_from_name(resume.weights) if resume is not None else 0
     if step:
         run.step, run.epoch, run.epoch_step = step, step // steps_per_epoch, step % steps_per_epoch
+        run.schedule_start = step
         log(f"fine-tuning from {resume.weights.name}: the step counter continues at {step} "
-            f"(epoch {run.epoch}), as the published train.py does")
+            f"(epoch {run.epoch + 1} at {steps_per_epoch} steps per epoch), as the published train.py does")
     return run
 
 
-def _restore(ckpt, weights_file, args, model, optimizer, scheduler, scaler, ema, lr_given, log) -> RunState:
+def _restore(ckpt, weights_file, args, model, optimizer, scheduler, scaler, ema, given, log) -> RunState:
     if int(ckpt.get("compound_coef", args.compound_coef)) != args.compound_coef:
         raise ValueError(f"{weights_file}: saved by a D{ckpt['compound_coef']} run, not -c {args.compound_coef}")
     if ckpt.get("train_model") is not None:
@@ -164,13 +178,17 @@ def _restore(ckpt, weights_file, args, model, optimizer, scheduler, scaler, ema,
         saved_ema = ckpt.get("ema")
         if saved_ema:
             module = saved_ema.get("module") or extract_state_dict(read_checkpoint(weights_file), str(weights_file))
-            ema.load_state_dict({"module": module, "updates": saved_ema["updates"], "decay": saved_ema["decay"]})
+            decay = args.ema_decay if "ema_decay" in given else saved_ema["decay"]
+            ema.load_state_dict({"module": module, "updates": saved_ema["updates"], "decay": decay})
         else:
             log("--ema: the resumed run had no EMA; it starts from the current weights")
     saved = ckpt.get("config") or {}
-    same_optim = saved.get("optim", RESUMED_DEFAULTS["optim"]) == args.optim
+    same_optim = saved.get("optim", DEFAULTS["optim"]) == args.optim
     if same_optim:
         optimizer.load_state_dict(ckpt["optimizer"])
+        if "weight_decay" in given:
+            for group in optimizer.param_groups:
+                group["weight_decay"] = args.weight_decay
     else:
         log(f"--optim {args.optim} replaces {saved.get('optim')}: the optimizer starts with fresh state")
     restored_schedule = same_optim and saved.get("lr_schedule", "plateau") == args.lr_schedule
@@ -181,8 +199,8 @@ def _restore(ckpt, weights_file, args, model, optimizer, scheduler, scaler, ema,
     counters = ckpt.get("run") or {k: ckpt[k] for k in ("epoch", "step", "epoch_step", "best_metric", "best_epoch")}
     run = RunState(**{k: v for k, v in counters.items() if k in RunState.__dataclass_fields__})
     run.bad_steps = 0
-    if lr_given or not restored_schedule:
-        set_lr(optimizer, scheduler, args.lr, run.step)
+    if "lr" in given or not restored_schedule:
+        set_lr(optimizer, scheduler, args.lr, run.step - run.schedule_start)
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
     elif "rng_torch" in ckpt:
@@ -190,13 +208,14 @@ def _restore(ckpt, weights_file, args, model, optimizer, scheduler, scaler, ema,
     return run
 
 
-def set_lr(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float, step: int) -> None:
-    """Make the optimizer's learning rate follow ``lr`` (the resolved ``--lr``) at ``step``."""
+def set_lr(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float, done: int) -> None:
+    """Make the optimizer's learning rate follow ``lr`` (the resolved ``--lr``) after ``done`` steps of the
+    schedule."""
     groups = optimizer.param_groups
     if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         scheduler.base_lrs = [lr] * len(groups)
-        scheduler.last_epoch = step
-        factor = scheduler.lr_lambdas[0](step)
+        scheduler.last_epoch = done
+        factor = scheduler.lr_lambdas[0](done)
         for group in groups:
             group["initial_lr"], group["lr"] = lr, lr * factor
     elif abs(groups[0]["lr"] - lr) > 1e-12 * max(lr, 1e-30):

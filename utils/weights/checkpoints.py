@@ -94,8 +94,9 @@ def save_checkpoint(folder: PathLike, name: str, weights: Mapping[str, Tensor], 
     record = dict(state, format=STATE_FORMAT, weights_file=name, weights_sha256=hashlib.sha256(data).hexdigest())
     atomic_save(record, state_path(path))
     atomic_write(data, path)
-    pointer = {"weights": name, "state": state_path(path).name, "epoch": state.get("epoch"),
-               "step": state.get("step")}
+    counters = state.get("run") or {}
+    pointer = {"weights": name, "state": state_path(path).name, "epoch": counters.get("epoch"),
+               "step": counters.get("step")}
     atomic_write(json.dumps(pointer).encode("utf-8"), pointer_path(folder, compound_coef))
     return path
 
@@ -113,22 +114,42 @@ def read_state(weights: PathLike) -> Optional[Dict[str, Any]]:
     checkpoint itself in the previous single-file format, else None.
 
     Raises:
-        ValueError: the state file is unreadable, or it was written for other weights.
+        ValueError: one line naming the file that is damaged (state or weights) or the state that was
+            written for other weights, and what to do instead.
     """
     weights = Path(weights)
     companion = state_path(weights)
+    fine_tune = f"to fine-tune from its weights instead: -w {weights}"
     if companion.is_file():
-        state = read_checkpoint(companion)
+        try:
+            state = read_checkpoint(companion)
+        except ValueError as exc:
+            raise ValueError(f"{exc}: the training state of {weights.name} is damaged; {fine_tune}") from None
         digest = hashlib.sha256(weights.read_bytes()).hexdigest()
         if state.get("format") != STATE_FORMAT or state.get("weights_sha256") != digest:
+            _readable_weights(weights, f"its training state {companion.name} is of no use without them")
             raise ValueError(f"{companion}: training state does not belong to {weights.name} "
-                             "(the weights file was replaced); resume from another checkpoint or pass the "
-                             ".pth alone with -w to fine-tune from it")
+                             f"(the weights file was replaced); {fine_tune}")
         return state
-    checkpoint = read_checkpoint(weights)
+    checkpoint = _readable_weights(weights, f"and {companion.name} is missing: nothing to resume")
     if checkpoint.get("format") == LEGACY_FORMAT:
         return checkpoint
     return None
+
+
+def _readable_weights(weights: Path, consequence: str) -> Dict[str, Any]:
+    try:
+        return read_checkpoint(weights)
+    except ValueError as exc:
+        raise ValueError(f"{exc}: the weights file is damaged, {consequence}; fine-tune from another "
+                         f"checkpoint's weights with -w FILE.pth{_other_checkpoint(weights)}") from None
+
+
+def _other_checkpoint(weights: Path) -> str:
+    """`` (e.g. NAME)``: the newest other checkpoint beside ``weights``, if any."""
+    match = _NAME.match(weights.name)
+    others = [c for c in _candidates(weights.parent, int(match.group(1))) if c[2] != weights] if match else []
+    return f" (e.g. {max(others)[2]})" if others else ""
 
 
 def _candidates(folder: Path, compound_coef: int) -> List[Tuple[float, int, Path]]:
@@ -142,26 +163,38 @@ def _candidates(folder: Path, compound_coef: int) -> List[Tuple[float, int, Path
 
 
 def find_resume_point(folder: PathLike, compound_coef: int) -> ResumePoint:
-    """``-w last``: the pair the ``last`` pointer names; without a usable pointer, the most recently
-    written ``efficientdet-d{c}_{epoch}_{step}.pth`` (newest file, then highest step).
+    """``-w last``: the pair the ``last`` pointer names; without a readable pointer, the most recently
+    written ``efficientdet-d{c}_{epoch}_{step}.pth`` (newest file, then highest step). Always with its
+    training state: an exact resume or an error.
 
     Raises:
-        FileNotFoundError: no checkpoint of ``efficientdet-d{c}`` in ``folder``.
+        FileNotFoundError: no checkpoint of ``efficientdet-d{c}`` in ``folder``, or a file of the pair is
+            missing (named, with the ``-w FILE.pth`` that fine-tunes instead).
+        ValueError: a file of the pair is damaged or they do not belong together (see :func:`read_state`).
     """
     folder = Path(folder)
     pointer = pointer_path(folder, compound_coef)
+    weights: Optional[Path] = None
     if pointer.is_file():
         try:
-            name = json.loads(pointer.read_text(encoding="utf-8"))["weights"]
+            weights = folder / str(json.loads(pointer.read_text(encoding="utf-8"))["weights"])
         except (ValueError, KeyError, TypeError):
             logger.warning("%s: unreadable, looking for the newest checkpoint instead", pointer)
-        else:
-            weights = folder / str(name)
-            if weights.is_file() and state_path(weights).is_file():
-                return ResumePoint(weights, read_state(weights))
-            logger.warning("%s names %s, which is missing; looking for the newest checkpoint instead", pointer, name)
-    found = _candidates(folder, compound_coef)
-    if not found:
-        raise FileNotFoundError(f"no checkpoint efficientdet-d{compound_coef}_EPOCH_STEP.pth to resume in {folder}")
-    weights = max(found)[2]
-    return ResumePoint(weights, read_state(weights))
+    if weights is None:
+        found = _candidates(folder, compound_coef)
+        if not found:
+            raise FileNotFoundError(f"no checkpoint efficientdet-d{compound_coef}_EPOCH_STEP.pth to resume in "
+                                    f"{folder}")
+        weights = max(found)[2]
+    companion = state_path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: the weights of the last save are missing"
+                                f"{' (its ' + companion.name + ' is there)' if companion.is_file() else ''}: "
+                                "nothing to resume; fine-tune from another checkpoint's weights with -w FILE.pth"
+                                f"{_other_checkpoint(weights)}")
+    state = read_state(weights)
+    if state is None:
+        raise FileNotFoundError(f"{companion}: missing, so {weights.name} cannot be resumed exactly "
+                                f"(-w last needs its training state); to fine-tune from its weights instead: "
+                                f"-w {weights}")
+    return ResumePoint(weights, state)

@@ -1,0 +1,254 @@
+"""Training speed and memory features: memory-efficient swish, activation checkpointing, channels-last steps,
+mixed precision on CPU, and the non-finite guard's skip / restore (utils/training/step.py, guard.py)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import efficientnet.checkpointing as checkpointing
+from backbone import EfficientDet
+from efficientdet.loss import DetectionLoss
+from efficientnet.utils import MemoryEfficientSwish, Swish, SwishImplementation
+from utils.training import step as step_module
+from utils.training.guard import FiniteGuard
+from utils.training.parts import ModelWithLoss, freeze_backbone_and_bifpn
+from utils.training.step import EMULATED_BF16, amp_dtype, optimizer_step
+
+SIZE = 128
+
+
+def _batch(batch: int = 2, size: int = SIZE, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=gen)
+    # Image 0: two boxes and a padding row; image 1: no boxes (only padding).
+    annotations = torch.full((batch, 3, 5), -1.0)
+    annotations[0, 0] = torch.tensor([10.0, 12.0, 70.0, 90.0, 0.0])
+    annotations[0, 1] = torch.tensor([60.0, 40.0, 120.0, 100.0, 1.0])
+    return images, annotations
+
+
+def _model(seed: int = 0) -> EfficientDet:
+    torch.manual_seed(seed)
+    return EfficientDet(num_classes=2, compound_coef=0).train()
+
+
+def _saved_bytes(function) -> int:
+    """Bytes of the tensors autograd keeps for the backward while ``function()`` runs."""
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        function()
+    return total[0]
+
+
+@pytest.mark.parametrize("swish", [Swish(), MemoryEfficientSwish(), SwishImplementation.apply])
+def test_swish_gradient_is_the_formula_and_only_the_input_is_kept(swish):
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float64).requires_grad_()
+    reference = x.detach().clone().requires_grad_()
+    (reference * torch.sigmoid(reference)).sum().backward()  # autograd of x * sigmoid(x) written out
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = swish(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, reference * torch.sigmoid(reference), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-12, atol=1e-12)
+    assert len(kept) == 1 and kept[0].data_ptr() == x.data_ptr()  # the input, not sigmoid(x) or the output
+
+
+def _gradients(model, images, seed=5):
+    torch.manual_seed(seed)  # drop connect draws its masks from here
+    features, regression, logits, _ = model(images, logits=True)
+    (regression.square().mean() + logits.sigmoid().mean() + sum(f.mean() for f in features)).backward()
+    return ({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+def test_grad_checkpointing_gives_the_same_gradients_and_statistics_with_less_memory():
+    images, _ = _batch()
+    plain = _model()
+    checked = copy.deepcopy(plain).set_grad_checkpointing(True)
+    grads, buffers = _gradients(plain, images)
+    grads_ck, buffers_ck = _gradients(checked, images)
+    assert grads.keys() == grads_ck.keys() and len(grads) == len(list(plain.parameters()))
+    for name in grads:
+        torch.testing.assert_close(grads_ck[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    for name in buffers:  # BatchNorm statistics moved once, not twice (the recomputation leaves them alone)
+        torch.testing.assert_close(buffers_ck[name], buffers[name], rtol=0, atol=0, msg=name)
+    # Drop connect is on: another seed gives other gradients, so the recomputation did reuse the first masks.
+    other, _ = _gradients(copy.deepcopy(plain), images, seed=6)
+    assert not torch.allclose(other["backbone_net.model._conv_stem.conv.weight"],
+                              grads["backbone_net.model._conv_stem.conv.weight"])
+    kept = _saved_bytes(lambda: plain(images, logits=True))
+    kept_ck = _saved_bytes(lambda: checked(images, logits=True))
+    assert kept_ck < 0.3 * kept
+
+
+def test_frozen_parts_are_not_checkpointed(monkeypatch):
+    model = _model().set_grad_checkpointing(True)
+    freeze_backbone_and_bifpn(model)
+    calls = []
+    real = checkpointing.checkpointed
+    monkeypatch.setattr(checkpointing, "checkpointed", lambda fn, modules, *xs: calls.append(modules) or real(
+        fn, modules, *xs))
+    for module in ("backbone", "efficientnet.model", "efficientdet.model"):
+        monkeypatch.setattr(f"{module}.checkpointed", checkpointing.checkpointed)
+    model(_batch()[0], logits=True)[1].sum().backward()
+    assert len(calls) == 2 * 5  # each head's five levels; no backbone stage, no BiFPN cell
+    with torch.no_grad():
+        model.set_grad_checkpointing(True)(_batch()[0])
+    assert len(calls) == 10  # nothing to recompute without gradients
+
+
+def _step_losses_and_grads(channels_last: bool, dtype=torch.float32):
+    model = _model().to(dtype)
+    model.backbone_net.model.drop_connect_rate = 0.0  # random masks differ between dtypes
+    net = ModelWithLoss(model, DetectionLoss("yaep", from_logits=True), channels_last=channels_last)
+    images, annotations = _batch()
+    cls_loss, reg_loss, _ = net(images.to(dtype), annotations.to(dtype))
+    (cls_loss + reg_loss).backward()
+    return (float(cls_loss.detach()), float(reg_loss.detach())), {n: p.grad.double() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_step_in_either_layout_matches_float64(channels_last):
+    """The channels-last step (the CPU default) differs from the plain layout by float32 round-off only: both
+    have the losses of the same network in float64 within 1e-5 and its gradients within 2e-3 (each tensor's
+    norm; the plain layout's own error is 1.3e-4 here, channels-last's 2.8e-4)."""
+    losses64, grads64 = _step_losses_and_grads(False, torch.float64)
+    losses, grads = _step_losses_and_grads(channels_last)
+    assert losses == pytest.approx(losses64, rel=1e-5)
+    largest = max(float(g.norm()) for g in grads64.values())
+    for name, reference in grads64.items():
+        if float(reference.norm()) > 1e-4 * largest:  # gradients of biases before a BN are zero up to round-off
+            error = float((grads[name] - reference).norm() / reference.norm())
+            assert error < 2e-3, (name, error)
+
+
+def _run_steps(dtype, steps=3):
+    model = _model()
+    net = ModelWithLoss(model, DetectionLoss("yaep", from_logits=True))
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    guard = FiniteGuard(model, optimizer)
+    images, annotations = _batch()
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(1)
+        verdict, cls_loss, reg_loss, _ = optimizer_step(net, optimizer, guard, images, annotations, dtype=dtype)
+        assert verdict == "ok"
+        losses.append(float(cls_loss + reg_loss))
+    return losses
+
+
+def test_bf16_autocast_steps_on_cpu_stay_finite_and_near_float32():
+    fp32, bf16 = _run_steps(None), _run_steps(torch.bfloat16)
+    assert all(torch.isfinite(torch.tensor(bf16)))
+    for a, b in zip(fp32, bf16):
+        assert abs(b - a) <= 0.05 * abs(a), (fp32, bf16)
+
+
+def test_amp_dtype_says_once_when_bf16_is_emulated(monkeypatch):
+    lines = []
+    assert amp_dtype(torch.device("cuda"), lines.append) == torch.float16 and not lines
+    monkeypatch.setattr(step_module, "bf16_supported", lambda device: False)
+    assert amp_dtype(torch.device("cpu"), lines.append) == torch.bfloat16
+    assert lines == [EMULATED_BF16]
+    monkeypatch.setattr(step_module, "bf16_supported", lambda device: True)
+    assert amp_dtype(torch.device("cpu"), lines.append) == torch.bfloat16 and len(lines) == 1
+
+
+def _state(model, optimizer):
+    return (copy.deepcopy(model.state_dict()),
+            {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in
+             enumerate(optimizer.state.values())})
+
+
+def _assert_state(model, optimizer, expected):
+    weights, optim = _state(model, optimizer)
+    for key, value in expected[0].items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=0, msg=key)
+    assert optim.keys() == expected[1].keys()
+    for k, entry in expected[1].items():
+        for n, v in entry.items():
+            torch.testing.assert_close(torch.as_tensor(optim[k][n]), torch.as_tensor(v), rtol=0, atol=0)
+
+
+def test_guard_skips_a_nan_step_leaving_weights_statistics_and_optimizer_alone():
+    model = _model()
+    net = ModelWithLoss(model, DetectionLoss("yaep", from_logits=True))
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    guard = FiniteGuard(model, optimizer)
+    images, annotations = _batch()
+    assert optimizer_step(net, optimizer, guard, images, annotations)[0] == "ok"
+    before = _state(model, optimizer)
+    assert before[1] and model.backbone_net.model._bn0.num_batches_tracked.item() == 1
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("nan")  # NaN batch statistics in the forward, NaN loss and gradients
+    assert optimizer_step(net, optimizer, guard, bad, annotations)[0] == "skipped"
+    _assert_state(model, optimizer, before)
+    assert optimizer_step(net, optimizer, guard, images, annotations)[0] == "ok"  # and training goes on
+
+
+def test_guard_restores_its_restore_point_when_finite_gradients_overflow_a_weight():
+    model = _model()
+    net = ModelWithLoss(model, DetectionLoss("yaep", from_logits=True))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    guard = FiniteGuard(model, optimizer, snapshot_every=2)
+    images, annotations = _batch()
+    for _ in range(2):
+        assert optimizer_step(net, optimizer, guard, images, annotations)[0] == "ok"
+    point = _state(model, optimizer)  # the restore point: after 2 good steps
+    assert optimizer_step(net, optimizer, guard, images, annotations)[0] == "ok"
+    optimizer.param_groups[0]["lr"] = 1e38  # finite gradients, infinite weights
+    assert optimizer_step(net, optimizer, guard, images, annotations)[0] == "restored"
+    _assert_state(model, optimizer, point)
+
+
+def test_guard_refuses_a_zero_snapshot_interval():
+    model = _model()
+    with pytest.raises(ValueError, match="snapshot_every"):
+        FiniteGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), snapshot_every=0)
+
+
+
+def test_lean_batchnorm_swish_and_scale_equal_the_plain_modules_keeping_less():
+    """swish(bn(x)) * s through BatchNormSwish + ScaleSwishOutput: the values, gradients and running statistics
+    of nn.BatchNorm2d -> x * sigmoid(x) -> * s written out, keeping fewer bytes for the backward."""
+    from efficientnet.lean import batchnorm_swish_saved, scale_swish_output
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(8, momentum=0.01, eps=1e-3).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_()
+    plain_bn = copy.deepcopy(bn)
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    s = torch.rand(2, 8, 1, 1, requires_grad=True)
+    x2, s2 = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+
+    def lean():
+        y, saved = batchnorm_swish_saved(bn, x)
+        assert saved is not None
+        return scale_swish_output(y, s, saved)
+
+    def plain():
+        z = plain_bn(x2)
+        return z * torch.sigmoid(z) * s2
+
+    out, ref = [], []
+    kept_lean = _saved_bytes(lambda: out.append(lean()))
+    kept_plain = _saved_bytes(lambda: ref.append(plain()))
+    grad = torch.randn_like(ref[0])
+    out[0].backward(grad), ref[0].backward(grad)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-6, atol=1e-6)
+    for a, b in ((x.grad, x2.grad), (s.grad, s2.grad), (bn.weight.grad, plain_bn.weight.grad),
+                 (bn.bias.grad, plain_bn.bias.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bn, name), getattr(plain_bn, name), rtol=0, atol=0)
+    assert kept_lean < 0.5 * kept_plain
