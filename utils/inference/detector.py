@@ -6,6 +6,10 @@ Used by ``efficientdet_test.py``, ``efficientdet_test_videos.py``, the evaluator
     for dets in detector.detect(["a.jpg", "b.jpg"]):
         print(dets.boxes, dets.class_names, dets.scores)
 
+    detector = Detector.from_pretrained(0)              # the published COCO D0, downloaded when missing
+    detector.detect(pil_image)                           # PIL images are RGB
+    detector.detect(rgb_array, color="rgb")              # numpy arrays are BGR (OpenCV) unless told otherwise
+
 Pre-processing is :func:`utils.inference.preprocess.preprocess` (project mean/std, aspect-preserving fit),
 post-processing :func:`utils.inference.postprocess.postprocess` (always float32, also under ``float16``), then the
 boxes are mapped back to each original image: the published pipeline (``preprocess`` -> model -> ``postprocess``
@@ -31,6 +35,7 @@ from utils.inference.preprocess import ImageInput, ImageMeta, SizeSpec, boxes_to
 from utils.config.project import ProjectConfig, load_project
 from utils.inference.soft_nms import official_postprocess
 from utils.weights.loading import load_weights
+from utils.weights.pretrained import pretrained_weights
 
 logger = logging.getLogger(__name__)
 
@@ -118,21 +123,44 @@ class Detector:
         load_weights(model, weights, strict_classes=True)
         return cls(model, project, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, compound_coef: int = 0, weights: Optional[Union[str, Path]] = None,
+                        project: Union[ProjectConfig, str, Path] = "coco", weights_dir: Optional[Union[str, Path]] = None,
+                        url: Optional[str] = None, progress: bool = True, **kwargs: Any) -> "Detector":
+        """D{compound_coef} with the published COCO weights (``weights/efficientdet-d{c}.pth``, downloaded with a
+        progress bar and size check when missing; ``weights_dir`` / ``url`` change where from and to) or with
+        ``weights`` (a local checkpoint of the project's class count). ``kwargs`` go to :class:`Detector`.
+
+        Raises FileNotFoundError (``weights`` missing), DownloadError (a ConnectionError naming the URL and
+        where to put the file by hand), ValueError (a checkpoint of another model or class count).
+        """
+        path = pretrained_weights(compound_coef, weights, weights_dir, url, progress)
+        return cls.from_checkpoint(compound_coef, path, project, **kwargs)
+
     @property
     def obj_list(self) -> Tuple[str, ...]:
         return self.project.obj_list
 
-    def preprocess(self, images: ImageInput) -> Tuple[Tensor, List[ImageMeta], list]:
+    def preprocess(self, images: ImageInput, color: str = "bgr") -> Tuple[Tensor, List[ImageMeta], list]:
         """:func:`utils.inference.preprocess.preprocess` with this detector's input size and the project's mean/std."""
-        return preprocess(images, self.input_hw, mean=self.project.mean, std=self.project.std)
+        return preprocess(images, self.input_hw, mean=self.project.mean, std=self.project.std, color=color)
 
     def detect(self, images: ImageInput, threshold: Optional[float] = None,
-               iou_threshold: Optional[float] = None) -> List[Detections]:
-        """Detect objects in one or more images (paths or BGR uint8 arrays), in one batched forward.
+               iou_threshold: Optional[float] = None, color: str = "bgr") -> List[Detections]:
+        """Detect objects in one or more images, in one batched forward.
+
+        Args:
+            images: a path, a uint8 numpy array ``[H, W, 3]`` (also ``[H, W]``, ``[H, W, 1]``, ``[H, W, 4]``), a
+                PIL image, or a list of them.
+            threshold, iou_threshold: override the detector's defaults.
+            color: channel order of the numpy arrays: "bgr" (OpenCV's ``cv2.imread`` / video frames, the
+                default) or "rgb" (PIL, matplotlib, imageio). A 3-channel array is taken as BGR unless told
+                "rgb"; files and PIL images are read in their own order whatever it says.
 
         Returns one :class:`Detections` per image, boxes ``(x1, y1, x2, y2)`` in that image's pixels.
+        Raises ValueError naming the image for an array of another shape or dtype than uint8.
         """
-        batch, metas, _ = self.preprocess(images)
+        batch, metas, _ = self.preprocess(images, color)
         return self.predict_batch(batch, metas, threshold, iou_threshold)
 
     @torch.inference_mode()

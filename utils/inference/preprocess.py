@@ -15,9 +15,10 @@ Boxes found on the canvas map back to the original image by dividing x by ``new_
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import Any, List, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -30,8 +31,10 @@ from efficientdet.transforms import (DEFAULT_MEAN, DEFAULT_STD, FIT_TIES_INFEREN
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-ImageSource = Union[str, Path, np.ndarray]
+#: A path, a numpy array (BGR unless ``color="rgb"``) or a PIL image (RGB; PIL is optional and never imported here).
+ImageSource = Union[str, Path, np.ndarray, Any]
 ImageInput = Union[ImageSource, Sequence[ImageSource]]
+COLOR_ORDERS = ("bgr", "rgb")
 SizeSpec = Union[int, Tuple[int, int]]
 
 
@@ -89,29 +92,60 @@ def read_image(path: Union[str, Path]) -> np.ndarray:
     return _read_checked_image(path)
 
 
-def to_bgr(image: np.ndarray, source: str = "image") -> np.ndarray:
-    """A uint8 image ``[H, W]``, ``[H, W, 1]``, ``[H, W, 3]`` (BGR) or ``[H, W, 4]`` (BGRA) -> BGR ``[H, W, 3]``."""
+def check_color(color: str) -> str:
+    """``"bgr"`` or ``"rgb"`` (any case) -> lower case; ValueError naming the value otherwise."""
+    if not isinstance(color, str) or color.lower() not in COLOR_ORDERS:
+        raise ValueError(f"color must be 'bgr' (OpenCV arrays, the default) or 'rgb' (PIL, matplotlib, "
+                         f"imageio arrays), got {color!r}")
+    return color.lower()
+
+
+def to_bgr(image: np.ndarray, source: str = "image", color: str = "bgr") -> np.ndarray:
+    """A uint8 image ``[H, W]``, ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` -> BGR ``[H, W, 3]``.
+
+    ``color`` is the channel order of a colour array: ``"bgr"`` (BGR / BGRA, OpenCV's; the default) or ``"rgb"``
+    (RGB / RGBA, as PIL, matplotlib and imageio give them). A grey image is the same either way.
+    """
+    color = check_color(color)
     if not isinstance(image, np.ndarray):
         raise ValueError(f"{source}: expected a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8:
-        raise ValueError(f"{source}: expected a uint8 image, got dtype {image.dtype}")
+        raise ValueError(f"{source}: expected a uint8 image, got dtype {image.dtype} (shape {image.shape})")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
-    if image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    elif not (image.ndim == 3 and image.shape[2] == 3):
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
         raise ValueError(f"{source}: expected an image [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], "
                          f"got shape {image.shape}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"{source}: empty image of shape {image.shape}")
-    return image
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_RGBA2BGR if color == "rgb" else cv2.COLOR_BGRA2BGR)
+    return cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if color == "rgb" else image
 
 
-def load_images(images: ImageInput) -> Tuple[List[np.ndarray], List[str]]:
-    """Paths and/or BGR uint8 arrays (one or a sequence) -> (BGR uint8 ``[H, W, 3]`` images, source names)."""
-    if isinstance(images, (str, Path, np.ndarray)):
+def _is_pil_image(item: Any) -> bool:
+    """Whether ``item`` is a PIL image. PIL is optional: only a program that imported it can hold one, so it is
+    looked up among the loaded modules, never imported."""
+    module = sys.modules.get("PIL.Image")
+    image_class = getattr(module, "Image", None) if module is not None else None
+    return isinstance(image_class, type) and isinstance(item, image_class)
+
+
+def pil_to_bgr(image: Any, source: str = "image") -> np.ndarray:
+    """A PIL image (RGB, RGBA, grey "L"; any other mode is converted to RGB by PIL) -> BGR uint8 ``[H, W, 3]``."""
+    if image.mode not in ("L", "RGB", "RGBA"):
+        image = image.convert("RGB")
+    return to_bgr(np.asarray(image), f"{source} (PIL {image.mode})", color="rgb")
+
+
+def load_images(images: ImageInput, color: str = "bgr") -> Tuple[List[np.ndarray], List[str]]:
+    """Paths, numpy arrays (channel order ``color``, see :func:`to_bgr`) and/or PIL images, one or a sequence
+    -> (BGR uint8 ``[H, W, 3]`` images, source names). Files are read as BGR and PIL images are RGB whatever
+    ``color`` says."""
+    color = check_color(color)
+    if isinstance(images, (str, Path, np.ndarray)) or _is_pil_image(images) or not hasattr(images, "__iter__"):
         images = [images]
     loaded, sources = [], []
     for index, item in enumerate(images):
@@ -120,10 +154,15 @@ def load_images(images: ImageInput) -> Tuple[List[np.ndarray], List[str]]:
             sources.append(str(item))
         elif isinstance(item, np.ndarray):
             name = f"<array {index}>"
-            loaded.append(to_bgr(item, name))
+            loaded.append(to_bgr(item, name, color))
+            sources.append(name)
+        elif _is_pil_image(item):
+            name = f"<PIL image {index}>"
+            loaded.append(pil_to_bgr(item, name))
             sources.append(name)
         else:
-            raise ValueError(f"image {index}: expected a path or a numpy array, got {type(item).__name__}")
+            raise ValueError(f"image {index}: expected a path, a numpy array or a PIL image, "
+                             f"got {type(item).__name__}")
     if not loaded:
         raise ValueError("no images given")
     return loaded, sources
@@ -139,14 +178,17 @@ def normalize_and_fit(image: np.ndarray, canvas_h: int, canvas_w: int, mean: Seq
 
 
 def preprocess(images: ImageInput, input_size: SizeSpec, mean: Sequence[float] = DEFAULT_MEAN,
-               std: Sequence[float] = DEFAULT_STD) -> Tuple[Tensor, List[ImageMeta], List[np.ndarray]]:
+               std: Sequence[float] = DEFAULT_STD,
+               color: str = "bgr") -> Tuple[Tensor, List[ImageMeta], List[np.ndarray]]:
     """Images -> the network's input batch.
 
     Args:
-        images: a path, a BGR uint8 array (e.g. a video frame; grayscale ``[H, W]``/``[H, W, 1]`` and BGRA
-            ``[H, W, 4]`` work), or a sequence of them.
+        images: a path, a uint8 array (e.g. an OpenCV video frame; grayscale ``[H, W]``/``[H, W, 1]`` and
+            BGRA ``[H, W, 4]`` work), a PIL image, or a sequence of them.
         input_size: canvas side (int) or (height, width); the caller checks it against the model's stride.
         mean, std: RGB normalisation of the project (``ProjectConfig.mean`` / ``.std``), in [0, 1] units.
+        color: channel order of the numpy arrays: "bgr" (OpenCV, the default) or "rgb" (PIL, matplotlib,
+            imageio). Files and PIL images are decoded with their own order whatever it says.
 
     Returns:
         (batch, metas, originals): batch ``Tensor[B, 3, H, W]`` float32 on the CPU (normalised RGB, image at
@@ -159,7 +201,7 @@ def preprocess(images: ImageInput, input_size: SizeSpec, mean: Sequence[float] =
     """
     canvas_h, canvas_w = canvas_size(input_size)
     check_mean_std(mean, std)  # before any file is read
-    originals, sources = load_images(images)
+    originals, sources = load_images(images, color)
     canvases, metas = [], []
     for image, source in zip(originals, sources):
         canvas, new_h, new_w = normalize_and_fit(image, canvas_h, canvas_w, mean, std)
