@@ -2,7 +2,9 @@
 README's "Python API" snippets run as written."""
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -128,10 +130,16 @@ def python_api_blocks():
     return re.findall(r"^```python\n(.*?)^```", match.group(1), flags=re.S | re.M)
 
 
-def test_readme_inference_snippets_run(server, tmp_path, monkeypatch):
+def test_readme_snippets_run(server, tmp_path, monkeypatch):
     """Every python block of the section, as written, in a temporary folder: a synthetic ``img.jpg``, the published
-    weights served from 127.0.0.1 into a temporary ``weights/``, ``path/to/clone`` a link to this repository."""
+    weights served from 127.0.0.1 into a temporary ``weights/``, ``path/to/clone`` a link to this repository, and
+    a tiny ``shape`` project (``projects/shape.yml`` as shipped, 4 + 2 synthetic images of 256 px)."""
+    from efficientdet.synthetic import make_shape_dataset
     from utils.weights import download
+
+    (tmp_path / "projects").mkdir()
+    shutil.copy(REPO / "projects" / "shape.yml", tmp_path / "projects" / "shape.yml")
+    make_shape_dataset(tmp_path / "datasets" / "shape", num_train=4, num_val=2, size=256, seed=0)
 
     monkeypatch.setitem(download.WEIGHT_URLS, 0, server)
     monkeypatch.setattr(download, "WEIGHTS_DIR", tmp_path / "weights")
@@ -145,3 +153,80 @@ def test_readme_inference_snippets_run(server, tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "README.md (Python API)", "exec"), namespace)  # noqa: S102 (the documented code)
     assert (tmp_path / "weights" / "efficientdet-d0.pth").is_file()
+    assert namespace["summary"].steps == 1 and namespace["summary"].last_weights.is_file()
+    assert set(namespace["metrics"]) >= {"AP", "AP50", "ARl", "per_class_ap"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """utils.training.train on the tiny project of tests/test_train.py: D0, 128 px, 4 images, batch 2, 1 epoch."""
+    from tests.test_train import write_tiny_project
+    from utils.training import train
+
+    root = tmp_path_factory.mktemp("api")
+    yaml_path = write_tiny_project(root, num_train=4)
+    summary = train(yaml_path, 0, batch_size=2, input_size=128, num_epochs=1, num_workers=0, device="cpu",
+                    lr=1e-3, data_path=str(root / "datasets"), saved_path=str(root / "ckpt"),
+                    log_path=str(root / "logs"))
+    return root, yaml_path, summary
+
+
+def test_train_returns_what_the_run_logged_and_saved(trained):
+    from utils.weights.checkpoints import pointer_path
+
+    root, _, summary = trained
+    records = [json.loads(line) for line in (root / "logs" / "tiny" / "train_log.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2]
+    assert (summary.exit_status, summary.steps, summary.epochs) == (0, 2, 1)
+    assert summary.cls_loss == pytest.approx(train_records[-1]["cls_loss"], rel=1e-12)
+    assert summary.reg_loss == pytest.approx(train_records[-1]["reg_loss"], rel=1e-12)
+    val = [r for r in records if r["kind"] == "val"]
+    assert summary.best_metric_name == "loss" and summary.best_metric == pytest.approx(val[-1]["loss"], rel=1e-9)
+    folder = root / "ckpt" / "tiny"
+    assert summary.last_weights == folder / "efficientdet-d0_0_2.pth" and summary.last_weights.is_file()
+    assert summary.last_state.is_file() and summary.last_state.name == "efficientdet-d0_0_2.state.pt"
+    assert json.loads(pointer_path(folder, 0).read_text())["weights"] == summary.last_weights.name
+    assert summary.best_weights == folder / "efficientdet-d0_best.pth" and summary.best_weights.is_file()
+
+
+def test_train_unknown_setting_is_one_line_value_error(tmp_path):
+    from utils.training import train
+
+    with pytest.raises(ValueError, match=r"unknown setting 'batch_sise' \(did you mean batch_size\?\)") as info:
+        train("projects/shape.yml", 0, batch_sise=4)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="optim='adam' is not one of adamw, sgd"):
+        train("projects/shape.yml", 0, optim="adam")
+
+
+def test_evaluate_returns_the_twelve_numbers_and_per_class_ap(trained, tmp_path, capsys):
+    import coco_eval
+    from utils.evaluation import STAT_NAMES, evaluate
+
+    root, yaml_path, summary = trained
+    common = dict(data_path=str(root / "datasets"), input_size=128, device="cpu", threshold=0.0, no_progress=True)
+    metrics = evaluate(yaml_path, summary.last_weights, 0, output=str(tmp_path / "api"), **common)
+    assert list(metrics) == [*STAT_NAMES, "per_class_ap"]
+    assert set(metrics["per_class_ap"]) == {"rectangle", "circle"}
+    assert all(isinstance(metrics[name], float) for name in STAT_NAMES)
+
+    # the script on the same run: the same numbers in its --save_json, the same results file pycocotools scores
+    argv = ["-c", "0", "-p", str(yaml_path), "-w", str(summary.last_weights), "--data_path", str(root / "datasets"),
+            "--input_size", "128", "--device", "cpu", "--threshold", "0.0", "--no_progress",
+            "--output", str(tmp_path / "script"), "--save_json", str(tmp_path / "metrics.json")]
+    assert coco_eval.main(coco_eval.parse_args(argv)) == 0
+    capsys.readouterr()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for name in STAT_NAMES:
+        assert metrics[name] == pytest.approx(saved[name], abs=1e-12), name
+    assert saved["per_class_ap"] == {"1": pytest.approx(metrics["per_class_ap"]["rectangle"], abs=1e-12),
+                                     "2": pytest.approx(metrics["per_class_ap"]["circle"], abs=1e-12)}
+    pycocotools = pytest.importorskip("pycocotools.cocoeval")
+    from pycocotools.coco import COCO
+
+    truth = COCO(str(root / "datasets" / "tiny" / "annotations" / "instances_val.json"))
+    found = truth.loadRes(str(tmp_path / "api" / "val_bbox_results.json"))
+    direct = pycocotools.COCOeval(truth, found, "bbox")
+    direct.evaluate(), direct.accumulate(), direct.summarize()
+    assert [metrics[name] for name in STAT_NAMES] == pytest.approx(list(direct.stats), abs=1e-12)

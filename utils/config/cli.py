@@ -110,3 +110,31 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
     return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
                 and libc.mallopt(m_top_pad, 512 * 2 ** 20))
+
+
+def parse_with_settings(parser: argparse.ArgumentParser, argv: Sequence[str], settings: dict,
+                        caller: str) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, then each of ``settings`` (keyword arguments of the Python API named as the
+    script's flags, e.g. ``batch_size``) set as if given on the command line: a string goes through the flag's
+    type, a value outside the flag's choices is refused. An unknown name is a one-line ValueError naming it and
+    the closest flags (``difflib``)."""
+    import difflib
+
+    args = parser.parse_args(list(argv))
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    for key, value in settings.items():
+        action = actions.get(key)
+        if action is None:
+            close = difflib.get_close_matches(key, list(actions), n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"{caller}: unknown setting {key!r}{hint}; the settings are the script's flags: "
+                             + ", ".join(sorted(actions)))
+        if isinstance(value, str) and callable(action.type):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{caller}: {key}={value!r}: {exc}") from None
+        if value is not None and action.choices is not None and value not in action.choices:
+            raise ValueError(f"{caller}: {key}={value!r} is not one of {', '.join(map(str, action.choices))}")
+        setattr(args, key, value)
+    return args

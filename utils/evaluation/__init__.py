@@ -12,7 +12,8 @@ The steps::
     metrics = evaluate_coco(ann_file, results, image_ids)                  # pycocotools COCOeval
     print(format_metrics(metrics, project.obj_list))
 
-or :func:`evaluate_detector` for all three. Classes: ``obj_list[i]`` is COCO ``category_id = i + 1``
+or :func:`evaluate_detector` for all three; :func:`evaluate` is ``coco_eval.py`` from Python (its flags as keyword
+arguments, :mod:`.cli`), returning the 12 numbers by name and each class's AP. Classes: ``obj_list[i]`` is COCO ``category_id = i + 1``
 (as published). Boxes: :class:`utils.inference.detector.Detections` hold ``(x1, y1, x2, y2)`` in original image
 pixels; COCO result records hold ``bbox = [x, y, w, h]`` (COCO xywh appears only here).
 
@@ -38,15 +39,18 @@ without ground truth would add nothing), and so are annotations of images that `
 (never evaluated): both are counted in a warning.
 
 Modules: :mod:`.records` (files in and out, validated), :mod:`.cocoeval` (COCOeval and its report),
-:mod:`.runner` (a Detector over a set), :mod:`.provenance` (results files and their record).
+:mod:`.runner` (a Detector over a set), :mod:`.provenance` (results files and their record), :mod:`.api` (the
+work of ``coco_eval.py``) and :mod:`.cli` (its flags).
 """
 from utils.evaluation.cocoeval import STAT_NAMES, evaluate_coco, format_metrics, metrics_to_json, save_metrics_json
 from utils.evaluation.provenance import (PROVENANCE_FORMAT, PROVENANCE_SUFFIX, evaluation_provenance, file_sha256,
                                          provenance_mismatch, provenance_path, save_results)
 from utils.evaluation.records import RESULT_KEYS, detections_to_coco, load_coco_annotations, load_results
 from utils.evaluation.runner import evaluate_detector, run_detector_on_set
+from utils.evaluation.api import evaluate, run_evaluation
 
 __all__ = ["PROVENANCE_FORMAT", "PROVENANCE_SUFFIX", "RESULT_KEYS", "STAT_NAMES",
-           "detections_to_coco", "evaluate_coco", "evaluate_detector", "evaluation_provenance", "file_sha256",
+           "detections_to_coco", "evaluate", "evaluate_coco", "evaluate_detector", "evaluation_provenance",
+           "file_sha256",
            "format_metrics", "load_coco_annotations", "load_results", "metrics_to_json", "provenance_mismatch",
-           "provenance_path", "run_detector_on_set", "save_metrics_json", "save_results"]
+           "provenance_path", "run_detector_on_set", "run_evaluation", "save_metrics_json", "save_results"]

@@ -10,6 +10,7 @@ import socket
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,14 +22,21 @@ from utils.training.runfolder import RunFolderLock
 from utils.training.trainer import Trainer
 
 
-def train_process(args: argparse.Namespace) -> int:
+OnTrainer = Optional[Callable[[Trainer], None]]
+
+
+def train_process(args: argparse.Namespace, on_trainer: OnTrainer = None) -> int:
     """One process's training, signals handled from the first line (nothing to save before training). The
-    checkpoint folder is checked writable and locked first (rank 0), for the whole run."""
+    checkpoint folder is checked writable and locked first (rank 0), for the whole run. ``on_trainer`` is
+    given the :class:`Trainer` before it runs (:func:`utils.training.train` reads its state afterwards)."""
     with StopRequest() as stop:
         try:
             folder = Path(args.saved_path) / load_project(args.project).project_name
             with RunFolderLock(folder) if distributed_context()[0] == 0 else nullcontext():
-                return Trainer(args, stop).run()
+                trainer = Trainer(args, stop)
+                if on_trainer is not None:
+                    on_trainer(trainer)
+                return trainer.run()
         except Interrupted:
             print(f"{stop.name}: stopped before training started; nothing to save", file=sys.stderr)
             return stop.exit_code
@@ -82,8 +90,9 @@ def launch_workers(args: argparse.Namespace, world: int) -> int:
     return next((code for code in codes if code), 0) if all(c >= 0 for c in codes) else 1
 
 
-def run_training(args: argparse.Namespace) -> int:
-    """``train.py``'s work: one process, or N (the YAML's ``num_gpus``) started here; the exit status."""
+def run_training(args: argparse.Namespace, on_trainer: OnTrainer = None) -> int:
+    """``train.py``'s work: one process, or N (the YAML's ``num_gpus``) started here; the exit status.
+    ``on_trainer``: see :func:`train_process` (this process's run only; not called for N started here)."""
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
     world = load_project(args.project).num_gpus
@@ -92,4 +101,4 @@ def run_training(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch_size {args.batch_size} is the total over {world} processes (num_gpus: "
                              f"{world}): use a multiple of {world}")
         return launch_workers(args, world)
-    return train_process(args)
+    return train_process(args, on_trainer)

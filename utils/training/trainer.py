@@ -98,6 +98,7 @@ class Trainer:
         self.saved_as = resume.weights if resume is not None and resume.state is not None else None
         self.unsaved = False
         self.guard = FiniteGuard(self.model, self.optimizer)
+        self.last_losses: Optional[Tuple[float, float]] = None  # (cls, reg) of the last good step
         self.rolled_back = False  # the model was just restored by the guard
         self.confirmed = True     # the last step started from weights of a step that went well
 
@@ -322,7 +323,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the one this step took
         if args.lr_schedule == "cosine":
             self.scheduler.step()
-        cls_loss, reg_loss = losses
+        cls_loss, reg_loss = self.last_losses = losses
         state.epoch_losses.append(cls_loss + reg_loss)
         bar.set_postfix(step=state.step, cls=f"{cls_loss:.4f}", reg=f"{reg_loss:.4f}", lr=f"{lr:.2e}")
         self.run_log.scalars({"cls_loss": cls_loss, "reg_loss": reg_loss, "loss": cls_loss + reg_loss, "lr": lr},
