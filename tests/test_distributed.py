@@ -218,3 +218,86 @@ def test_ranks_agree_on_bad_steps_and_validate_in_shards(tmp_path):
     assert ranks[1]["metrics"] == ranks[0]["metrics"]
     assert ranks[1]["failure"].startswith("FileNotFoundError: image not found")
     assert ranks[0]["failure"] == "ValueError: validation mAP: rank 1: " + ranks[1]["failure"]
+
+
+def test_agreed_batches_stop_together():
+    """One process: its own error is raised as it is; another rank's failure (the verdict and-ed to False)
+    stops this one at the same batch with a ValueError saying so."""
+    from utils.training.distributed import agreed_batches
+
+    def failing():
+        yield 1
+        raise FileNotFoundError("image not found: val/3.jpg")
+
+    assert list(agreed_batches([1, 2, 3], lambda ok: ok)) == [1, 2, 3]
+    with pytest.raises(FileNotFoundError, match="val/3.jpg"):
+        list(agreed_batches(failing(), lambda ok: ok))
+    verdicts = iter([True, False])  # the other rank fails at the second batch
+    seen = []
+    with pytest.raises(ValueError, match="another process of this run stopped on bad data"):
+        for batch in agreed_batches([1, 2, 3], lambda ok: ok and next(verdicts)):
+            seen.append(batch)
+    assert seen == [1]
+
+
+BAD_IMAGE_AT = 3  # rank 1's 3rd training sample cannot be read
+
+
+def _bad_data_worker(rank: int, world: int, port: int, argv: List[str], out: str) -> None:
+    """One rank of a 2-process gloo run in which rank 1 alone meets an unreadable image mid-epoch (test-only
+    patch of CocoDataset.__getitem__); writes the error each rank raised."""
+    import torch.distributed as dist
+
+    import train
+    from efficientdet.dataset import CocoDataset
+    from utils.training.trainer import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    if rank == 1:
+        real, calls = CocoDataset.__getitem__, {"n": 0}
+
+        def getitem(self, index):
+            calls["n"] += 1
+            if calls["n"] == BAD_IMAGE_AT and self.set_name == "train":
+                raise ValueError("train/bad.jpg: cannot decode the image")
+            return real(self, index)
+
+        CocoDataset.__getitem__ = getitem
+    try:
+        trainer = Trainer(train.parse_args(argv))
+        try:
+            trainer.run()
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        (Path(out) / f"error{rank}.txt").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_data_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1 alone cannot read an image in its share of an epoch: both ranks stop at that batch, each with one
+    line (rank 1 names the file), instead of rank 0 waiting in a collective until the timeout."""
+    data = tmp_path / "datasets" / "tiny"
+    make_shape_dataset(data, num_train=8, num_val=4, size=128, seed=1)
+    (tmp_path / "tiny.yml").write_text(project_yaml("tiny", ["rectangle", "circle"]))
+    argv = ["-c", "0", "-p", str(tmp_path / "tiny.yml"), "--data_path", str(tmp_path / "datasets"),
+            "--input_size", "128", "-n", "0", "--saved_path", str(tmp_path / "ckpt"), "--log_path",
+            str(tmp_path / "logs"), "--device", "cpu", "--batch_size", "4", "--num_epochs", "2",
+            "--save_interval", "0"]
+    context = torch.multiprocessing.get_context("spawn")
+    port = _free_port()
+    workers = [context.Process(target=_bad_data_worker, args=(rank, 2, port, argv, str(tmp_path)))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0, 0]
+    errors = [(tmp_path / f"error{rank}.txt").read_text() for rank in range(2)]
+    assert errors[1].startswith("train/bad.jpg: cannot decode the image"), errors[1]
+    assert errors[0].startswith("another process of this run stopped on bad data"), errors[0]
+    assert all("\n" not in e for e in errors)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
+                    Union)
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,27 @@ from utils.evaluation.runner import run_detector_on_set, score_gathered
 
 if TYPE_CHECKING:
     from utils.inference.detector import Detector
+
+
+def agreed_batches(loader: Iterable[Any], agree: Callable[[bool], bool]) -> Iterator[Any]:
+    """The batches of ``loader``; a rank whose next batch fails (an unreadable image: ValueError or
+    FileNotFoundError naming the file, raised in a loader worker too) stops every rank at that batch: it raises
+    its error, the others a ValueError saying so, instead of leaving them waiting in a collective. ``agree``
+    and-s a verdict over the ranks (every rank has the same number of batches)."""
+    iterator = iter(loader)
+    while True:
+        error: Optional[Exception] = None
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (ValueError, FileNotFoundError) as exc:
+            error = exc
+        if not agree(error is None):
+            if error is not None:
+                raise error
+            raise ValueError("another process of this run stopped on bad data (its message names the file)")
+        yield batch
 
 
 def on_all_ranks(value: bool, world: int, device: torch.device) -> bool:

@@ -31,7 +31,8 @@ from utils.inference.postprocess import EVAL_THRESHOLDS
 from utils.config.project import ProjectConfig, load_project
 from utils.training.parts import (FiniteGuard, Interrupted, ModelEMA, ModelWithLoss, ResumableSampler, SignalHook,
                                   StopRequest, distributed_context, freeze_backbone_and_bifpn, load_backbone_weights)
-from utils.training.distributed import copy_from_rank0, on_all_ranks, same_on_all_ranks, sharded_val_map
+from utils.training.distributed import (agreed_batches, copy_from_rank0, on_all_ranks, same_on_all_ranks,
+                                        sharded_val_map)
 from utils.training.reporting import DEBUG_DIR, RunLog, save_debug_image
 from utils.training.settings import resolve_settings, resume_command
 from utils.training.setup import per_process_batch, training_device, training_loaders, warn_anchor_fit
@@ -185,7 +186,8 @@ class Trainer:
         eval_model.eval()
         cls_total, reg_total, batches = 0.0, 0.0, 0
         try:
-            for batch in tqdm(self.val_loader, desc="val", leave=False, disable=not self.is_main):
+            for batch in tqdm(agreed_batches(self.val_loader, self._on_all_ranks), desc="val", leave=False,
+                              total=len(self.val_loader), disable=not self.is_main):
                 self._check_stop()
                 images, annotations = batch["img"].to(self.device), batch["annot"].to(self.device)
                 with self._autocast():
@@ -297,7 +299,7 @@ class Trainer:
         self.phase = "train"
         with tqdm(disable=not self.is_main, dynamic_ncols=True, initial=state.epoch_step, total=self.steps_per_epoch,
                   desc=f"epoch {state.epoch + 1}/{args.num_epochs}") as bar:  # closed, up to date, however we leave
-            for batch in self.train_loader:
+            for batch in agreed_batches(self.train_loader, self._on_all_ranks):
                 self._check_stop()
                 images, annotations = batch["img"].to(self.device), batch["annot"].to(self.device)
                 losses = self.train_step(images, annotations)
