@@ -100,6 +100,7 @@ class Trainer:
         self.unsaved = False
         self.guard = FiniteGuard(self.model, self.optimizer)
         self.last_losses: Optional[Tuple[float, float]] = None  # (cls, reg) of the last good step
+        self.last_verdict = "ok"  # of the last optimizer step: "ok", "skipped" or "restored" (optimizer_step)
         self.rolled_back = False  # the model was just restored by the guard
         self.confirmed = True     # the last step started from weights of a step that went well
 
@@ -346,7 +347,7 @@ class Trainer:
         state = self.state
         state.bad_steps += 1
         state.skipped_steps += 1
-        if getattr(self, "last_verdict", "skipped") == "restored":
+        if self.last_verdict == "restored":
             what = (f"the optimizer step made a weight non-finite; model and optimizer are back at the restore point "
                     f"({self.guard.last_undone} good steps earlier; the step count goes on)")
         else:
