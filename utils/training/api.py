@@ -5,7 +5,6 @@ in-process (:func:`utils.training.launch.run_training`: signals, run-folder lock
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from utils.config.project import load_project
 from utils.training.cli import build_parser
 from utils.training.launch import run_training
 from utils.training.trainer import Trainer
-from utils.weights.checkpoints import best_name, pointer_path, read_state, state_path
+from utils.weights.checkpoints import best_name, find_resume_point, state_path
 
 
 @dataclass
@@ -82,10 +81,10 @@ def train(project: Union[str, Path], compound_coef: int = 0, **settings: Any) ->
 
 
 def _last_save(folder: Path, compound_coef: int):
-    """(weights, run counters, val_map, None) of the pair ``efficientdet-d{c}_last.json`` names."""
-    pointer = pointer_path(folder, compound_coef)
-    if not pointer.is_file():
+    """(weights, run counters, val_map, None) of the pair written last (:func:`find_resume_point`); none yet:
+    (None, {}, False, None)."""
+    try:
+        point = find_resume_point(folder, compound_coef)
+    except FileNotFoundError:
         return None, {}, False, None
-    weights = folder / str(json.loads(pointer.read_text(encoding="utf-8"))["weights"])
-    state = read_state(weights) or {}
-    return weights, state.get("run") or {}, bool((state.get("config") or {}).get("val_map")), None
+    return point.weights, point.state.get("run") or {}, bool((point.state.get("config") or {}).get("val_map")), None

@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from utils.training.guard import FiniteGuard  # noqa: F401 (the trainer's import)
+# Importable from here too: benchmark/train_speed.py imports it from this module in this tree and in the
+# starting commit it compares with.
+from utils.training.guard import FiniteGuard  # noqa: F401
 from utils.weights.loading import read_checkpoint
 
 logger = logging.getLogger(__name__)
