@@ -6,7 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, Protocol, Sequence, Tuple, Union
+from typing import Any, Container, Dict, Protocol, Sequence, Tuple, Union
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,29 @@ def _check_entry(path: Path, section: str, position: int, entry: Any, keys: Sequ
     for key in keys:
         if key not in entry:
             raise ValueError(f"{path}: {label} id {entry.get('id', '?')} ({section}[{position}]): missing key {key!r}")
+
+
+def check_annotation(path: Path, position: int, ann: Any, image_ids: Container[int],
+                     obj_list: Sequence[str]) -> Sequence[float]:
+    """The ``bbox`` ``[x, y, w, h]`` of ``ann`` (``annotations[position]`` of the COCO JSON ``path``) once checked:
+    the keys ``id``, ``image_id`` (one of ``image_ids``), ``category_id`` (an integer naming a non-empty class
+    ``obj_list[category_id - 1]``) and ``bbox`` (4 finite numbers); else a ValueError naming the file, the
+    annotation id and the key."""
+    _check_entry(path, "annotations", position, ann, ("id", "image_id", "category_id", "bbox"))
+    ann_id, category_id, bbox = ann["id"], ann["category_id"], ann["bbox"]
+    if ann["image_id"] not in image_ids:
+        raise ValueError(f"{path}: annotation id {ann_id}: image_id {ann['image_id']!r} is not in 'images'")
+    if isinstance(category_id, bool) or not isinstance(category_id, int):
+        raise ValueError(f"{path}: annotation id {ann_id}: key 'category_id': expected an integer, "
+                         f"got {category_id!r}")
+    if not 1 <= category_id <= len(obj_list) or obj_list[category_id - 1] == "":
+        raise ValueError(f"{path}: annotation id {ann_id}: category_id {category_id} has no class in the "
+                         f"project's obj_list ({len(obj_list)} entries, obj_list[category_id - 1] "
+                         "must be a non-empty name)")
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        raise ValueError(f"{path}: annotation id {ann_id}: key 'bbox': expected [x, y, width, height] "
+                         f"numbers, got {bbox!r}")
+    return bbox
 
 
 def obj_list_from_categories(categories: Any, path: Union[str, Path]) -> Tuple[str, ...]:

@@ -16,13 +16,15 @@ A sample is a dict::
      'scale':    float, 'img' pixels per original image pixel,
      'image_id': int, the COCO image id}
 
-The image pipeline is :mod:`efficientdet.transforms`; image files are checked and decoded by
-:mod:`efficientdet.image_files`; the COCO JSON readers are :mod:`efficientdet.coco`; batching and the
-loaders are :mod:`efficientdet.loaders`. The published names (``CocoDataset``, ``Resizer``, ``Normalizer``,
-``Augmenter``, ``collater``, ...) are all importable from here.
+The image pipeline is :mod:`efficientdet.transforms` (augmentations: :mod:`efficientdet.augment`); image files
+are checked and decoded by :mod:`efficientdet.image_files`; the COCO JSON readers are :mod:`efficientdet.coco`;
+batching and the loaders are :mod:`efficientdet.loaders`, which imports this module (never the reverse). The
+published names (``CocoDataset``, ``Resizer``, ``Normalizer``, ``Augmenter``, ``collater``, ...) are all
+importable from here (the loader names on first use, :func:`__getattr__`).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -31,13 +33,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from efficientdet.coco import (ProjectLike, _check_entry, _is_number, annotation_path, check_category_names,
-                               obj_list_from_categories, read_coco_json, read_json)
+from efficientdet.augment import Mosaic, build_transform
+from efficientdet.coco import (ProjectLike, _check_entry, _is_number, annotation_path, check_annotation,
+                               check_category_names, obj_list_from_categories, read_coco_json, read_json)
 from efficientdet.image_files import (PROBLEM_KINDS, PROGRESS_MIN_IMAGES, TAIL_BYTES, BadImageError, ImageInfo,
                                       ImageProblem, inspect_image_file, read_image, verify_image_files, verify_images)
 from efficientdet.transforms import (MIN_BOX_SIZE, Augmenter, Compose, HorizontalFlip, Normalizer, PublishedTransform,
-                                     RandomScaleCrop, Resizer, Sample, Transform, apply_transform, build_transform,
-                                     letterbox_size, resized_shape, takes_rng, to_unit_rgb)
+                                     RandomScaleCrop, Resizer, Sample, Transform, apply_transform, letterbox_size,
+                                     resized_shape, takes_rng, to_unit_rgb)
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,8 @@ class CocoDataset(Dataset):
             header and tail, a small fraction of an epoch's loading); False checks only that the files
             exist (bad content then shows when loaded).
         progress: a tqdm bar for the check on sets over :data:`PROGRESS_MIN_IMAGES` images.
+        mosaic: :class:`efficientdet.augment.Mosaic`: with its probability a sample is the mosaic of its image
+            and three more drawn from the sample's generator (before ``transform``); None: off.
 
     The published call ``CocoDataset(root_dir, set='train2017', transform=None)`` works, by keyword or
     positionally: a callable third positional argument is the transform (the published order).
@@ -112,7 +117,8 @@ class CocoDataset(Dataset):
                  obj_list: Union[ProjectLike, Sequence[str], Transform, PublishedTransform, None] = None,
                  transform: Union[Transform, PublishedTransform, None] = None, skip_missing: bool = False,
                  seed: Optional[int] = None, *, root_dir: Union[str, Path, None] = None, set: Optional[str] = None,
-                 skip_bad_images: bool = False, verify_images: bool = True, progress: bool = True) -> None:
+                 skip_bad_images: bool = False, verify_images: bool = True, progress: bool = True,
+                 mosaic: Optional[Mosaic] = None) -> None:
         super().__init__()
         if (root is None) == (root_dir is None):
             raise ValueError("CocoDataset: give the dataset folder once, as root (or the published root_dir), "
@@ -137,6 +143,7 @@ class CocoDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         self.verify_images = verify_images
         self.progress = progress
+        self.mosaic = mosaic
         self.seed = seed
         self.epoch = 0
         self.annotation_file = annotation_path(self.root, self.set_name)
@@ -226,24 +233,8 @@ class CocoDataset(Dataset):
 
     def _parse_annotation(self, position: int, ann: Any, images: Dict[int, _ImageRecord],
                           boxes: Dict[int, List[List[float]]]) -> None:
-        path = self.annotation_file
-        _check_entry(path, "annotations", position, ann, ("id", "image_id", "category_id", "bbox"))
-        ann_id = ann["id"]
-        if ann["image_id"] not in images:
-            raise ValueError(f"{path}: annotation id {ann_id}: image_id {ann['image_id']!r} is not in 'images'")
-        record = images[ann["image_id"]]
-        category_id = ann["category_id"]
-        if isinstance(category_id, bool) or not isinstance(category_id, int):
-            raise ValueError(f"{path}: annotation id {ann_id}: key 'category_id': expected an integer, "
-                             f"got {category_id!r}")
-        if not 1 <= category_id <= len(self.obj_list) or self.obj_list[category_id - 1] == "":
-            raise ValueError(f"{path}: annotation id {ann_id}: category_id {category_id} has no class in the "
-                             f"project's obj_list ({len(self.obj_list)} entries, obj_list[category_id - 1] "
-                             "must be a non-empty name)")
-        bbox = ann["bbox"]
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            raise ValueError(f"{path}: annotation id {ann_id}: key 'bbox': expected [x, y, width, height] "
-                             f"numbers, got {bbox!r}")
+        bbox = check_annotation(self.annotation_file, position, ann, images, self.obj_list)
+        ann_id, category_id, record = ann["id"], ann["category_id"], images[ann["image_id"]]
         if ann.get("iscrowd", 0):
             self.skipped["crowd"] += 1
             return
@@ -364,12 +355,18 @@ class CocoDataset(Dataset):
         logged, and replaced deterministically by the next sample (``index + 1``, … wrapping around) whose
         image loads, with sample ``index``'s augmentation stream; 'image_id' is then the replacement's.
         """
-        used, image = self._load_or_replace(index)
-        sample: Sample = {"img": image, "annot": self.load_annotations(used), "scale": 1.0,
-                          "image_id": self._records[used].image_id}
+        rng, sample = self.rng(index), self.raw_sample(index)
+        if self.mosaic is not None:
+            sample = self.mosaic(sample, rng, self)
         if self.transform is not None:
-            sample = apply_transform(self.transform, sample, self.rng(index))
+            sample = apply_transform(self.transform, sample, rng)
         return sample
+
+    def raw_sample(self, index: int) -> Sample:
+        """Sample ``index`` before mosaic and transform: RGB in [0, 1] at its size, ``scale`` 1.0."""
+        used, image = self._load_or_replace(index)
+        return {"img": image, "annot": self.load_annotations(used), "scale": 1.0,
+                "image_id": self._records[used].image_id}
 
     # ---- published names ----------------------------------------------------------------------
 
@@ -389,4 +386,9 @@ class CocoDataset(Dataset):
         return {name: label for label, name in self.labels.items()}
 
 
-from efficientdet.loaders import DataBundle, collater, create_dataloaders  # noqa: E402  (they build on CocoDataset)
+def __getattr__(name: str) -> Any:
+    """``DataBundle``, ``collater``, ``create_dataloaders`` from :mod:`efficientdet.loaders`, imported on first use
+    (it imports this module)."""
+    if name in ("DataBundle", "collater", "create_dataloaders"):
+        return getattr(importlib.import_module("efficientdet.loaders"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,15 +5,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import (TYPE_CHECKING, BinaryIO, Callable, Dict, List, Mapping, NamedTuple, Optional, Protocol, Sequence,
-                    Tuple, Union)
+from typing import (Any, BinaryIO, Callable, Dict, List, Mapping, NamedTuple, Optional, Protocol, Sequence, Tuple,
+                    Union)
 
 import cv2
 import numpy as np
 from tqdm import tqdm
-
-if TYPE_CHECKING:
-    from efficientdet.dataset import CocoDataset
 
 logger = logging.getLogger(__name__)
 
@@ -387,12 +384,15 @@ def verify_image_files(images: Sequence[Tuple[int, Union[str, Path]]], progress:
     return problems
 
 
-def verify_images(dataset: "CocoDataset", progress: bool = True) -> List[ImageProblem]:
-    """Check every image of ``dataset`` without decoding (see :func:`verify_image_files`); [] if all good.
+class DatasetImages(Protocol):
+    """What :func:`verify_images` reads of an ``efficientdet.dataset.CocoDataset`` (this module does not import it)."""
+    set_name: str
+    _records: Sequence[Any]  # image_id, path, width, height
 
-    :class:`CocoDataset` runs this check when constructed (``verify_images=True``, the default); this function
-    re-checks the images it kept.
-    """
+
+def verify_images(dataset: DatasetImages, progress: bool = True) -> List[ImageProblem]:
+    """Check every image ``dataset`` kept, without decoding (:func:`verify_image_files`); [] if all good.
+    ``CocoDataset`` runs this check when constructed (``verify_images=True``, the default)."""
     records = dataset._records
     return verify_image_files([(r.image_id, r.path) for r in records], progress,
                               {r.image_id: (r.width, r.height) for r in records},

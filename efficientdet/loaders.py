@@ -11,8 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from efficientdet.dataset import CocoDataset, ProjectLike
-from efficientdet.transforms import Sample, build_transform
+from efficientdet.augment import Mosaic, build_transform
+from efficientdet.coco import ProjectLike
+from efficientdet.dataset import CocoDataset
+from efficientdet.transforms import Sample
 
 
 def _float_tensor(value: Any) -> torch.Tensor:
@@ -86,11 +88,16 @@ def create_dataloaders(project: ProjectLike, data_path: Union[str, Path], input_
                        sampler: Optional[Callable[[CocoDataset, bool], Sampler]] = None, seed: Optional[int] = None,
                        skip_missing: bool = False, pin_memory: bool = False,
                        val_batch_size: Optional[int] = None, skip_bad_images: bool = False,
-                       verify_images: bool = True, progress: bool = True) -> DataBundle:
+                       verify_images: bool = True, progress: bool = True, *, vflip: float = 0.0,
+                       mosaic: float = 0.0, hsv_h: float = 0.0, hsv_s: float = 0.0, hsv_v: float = 0.0,
+                       affine_scale: float = 0.0, affine_translate: float = 0.0,
+                       affine_rotate: float = 0.0) -> DataBundle:
     """Train and val sets of ``data_path/project.project_name`` and their DataLoaders.
 
-    Train: ``project.train_set`` with normalise, [flip], [scale jitter + crop] or resize; shuffled (by
-    ``torch.Generator().manual_seed(seed)`` when ``seed`` is set); ``drop_last=True`` as published.
+    Train: ``project.train_set`` with normalise, [flip], [scale jitter + crop] or resize, and the augmentations
+    of :mod:`efficientdet.augment` whose setting (``vflip`` … ``affine_rotate``, keyword only) is above 0 (mosaic
+    filled with ``project.mean``); shuffled (by ``torch.Generator().manual_seed(seed)`` when ``seed`` is set);
+    ``drop_last=True`` as published.
     Val: ``project.val_set`` with normalise + resize, in order, every image (``drop_last=False``).
     ``sampler(dataset, train) -> Sampler`` replaces shuffling for both loaders, e.g.
     ``lambda ds, train: DistributedSampler(ds, shuffle=train, seed=seed or 0)`` (the caller calls its
@@ -112,11 +119,14 @@ def create_dataloaders(project: ProjectLike, data_path: Union[str, Path], input_
                          f"{input_size}, {batch_size}, {num_workers}")
     root = Path(data_path) / project.project_name
     train_tf = build_transform(input_size, project.mean, project.std, train=True, flip=flip,
-                               scale_jitter=scale_jitter, jitter_range=jitter_range)
+                               scale_jitter=scale_jitter, jitter_range=jitter_range, vflip=vflip, hsv_h=hsv_h,
+                               hsv_s=hsv_s, hsv_v=hsv_v, affine_scale=affine_scale,
+                               affine_translate=affine_translate, affine_rotate=affine_rotate)
     val_tf = build_transform(input_size, project.mean, project.std, train=False)
     checks = dict(skip_missing=skip_missing, skip_bad_images=skip_bad_images, verify_images=verify_images,
                   progress=progress)
-    train_set = CocoDataset(root, project.train_set, project, transform=train_tf, seed=seed, **checks)
+    train_set = CocoDataset(root, project.train_set, project, transform=train_tf, seed=seed,
+                            mosaic=Mosaic(mosaic, input_size, fill=project.mean) if mosaic else None, **checks)
     val_set = CocoDataset(root, project.val_set, project, transform=val_tf, seed=seed, **checks)
     train_sampler = sampler(train_set, True) if sampler is not None else None
     val_sampler = sampler(val_set, False) if sampler is not None else None

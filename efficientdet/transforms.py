@@ -21,6 +21,13 @@ jitter, ``RandomScaleCrop`` (the official recipe: random scale 0.1-2.0 of the ou
 zero padding at the bottom/right). Without a transform a sample holds the RGB image in [0, 1] at its
 original size (``scale`` 1.0).
 
+The optional augmentations (:mod:`efficientdet.augment`, each off by default) fit in this order, which
+:func:`efficientdet.augment.build_transform` assembles: mosaic (at dataset level, on the RGB images in
+[0, 1], before any transform) -> colour jitter (HSV gains on the RGB image in [0, 1], so before the
+``Normalizer``) -> ``Normalizer`` -> horizontal flip -> vertical flip -> random affine (on the normalised
+image, border 0 = the mean colour) -> ``Resizer`` / ``RandomScaleCrop``. With every one off the pipeline is
+the published one above, draw for draw.
+
 Randomness: every transform draws from a ``numpy.random.Generator`` handed to it. With ``seed`` set, the
 dataset gives sample ``index`` the generator ``default_rng([seed, epoch, index])``: the same augmentation
 whatever the worker, the number of workers or the order of loading (call :meth:`CocoDataset.set_epoch`
@@ -32,7 +39,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -340,19 +347,3 @@ class Compose:
     def __repr__(self) -> str:
         return f"Compose({[type(t).__name__ for t in self.transforms]})"
 
-
-def build_transform(input_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
-                    flip: bool = True, scale_jitter: bool = False,
-                    jitter_range: Tuple[float, float] = (0.1, 2.0), flip_p: float = 0.5) -> Compose:
-    """The pipeline: ``Normalizer``, [``HorizontalFlip``], ``RandomScaleCrop`` or ``Resizer``.
-
-    ``train=False`` ignores ``flip`` and ``scale_jitter`` (validation: normalise + resize only).
-    """
-    transforms: List[Transform] = [Normalizer(mean, std)]
-    if train and flip:
-        transforms.append(HorizontalFlip(flip_p))
-    if train and scale_jitter:
-        transforms.append(RandomScaleCrop(input_size, jitter_range))
-    else:
-        transforms.append(Resizer(input_size))
-    return Compose(transforms)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import List, Set
 
@@ -116,3 +117,18 @@ def test_no_citation_of_documents_outside_the_repository():
     assert any(p.name == "DEVELOPING.md" for p in files) and len(files) > 50
     found = citations(files)
     assert not found, "citations of a document outside the repository:\n" + "\n".join(found)
+
+
+def test_data_modules_import_one_way():
+    """image_files <- dataset <- loaders (and transforms <- augment <- dataset): no import statement of a module
+    above, anywhere in the file; ``efficientdet.dataset`` offers the loader names on first use only."""
+    above = {"image_files": {"efficientdet.dataset", "efficientdet.loaders", "efficientdet.augment"},
+             "transforms": {"efficientdet.augment", "efficientdet.dataset", "efficientdet.loaders"},
+             "augment": {"efficientdet.dataset", "efficientdet.loaders"}, "dataset": {"efficientdet.loaders"}}
+    for name, forbidden in above.items():
+        imports = imported_modules(REPO / "efficientdet" / f"{name}.py")
+        assert not imports & forbidden, f"efficientdet/{name}.py imports {sorted(imports & forbidden)}"
+    code = ("import sys, efficientdet.dataset as d; assert 'efficientdet.loaders' not in sys.modules; "
+            "from efficientdet.dataset import CocoDataset, create_dataloaders, collater, DataBundle; "
+            "import efficientdet.loaders as l; assert create_dataloaders is l.create_dataloaders")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -154,6 +154,34 @@ def freeze_backbone_and_bifpn(model: nn.Module) -> List[str]:
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+def head_only_warmup(net: nn.Module, model: nn.Module, steps_done: int, steps_per_epoch: int, epochs: float,
+                     log: Callable[[str], None] = logger.info) -> nn.Module:
+    """``--head_only_epochs``: the backbone and the BiFPN frozen as by :func:`freeze_backbone_and_bifpn` while
+    ``steps_done`` (optimizer steps of the run's schedule) is below ``round(epochs * steps_per_epoch)``, trainable
+    from then on; call before each step (a resumed run refreezes or not by its step). The optimizer holds every
+    parameter from the start: a frozen one gets no gradient, so no update, no weight decay and no optimizer state
+    until it thaws. Each change is logged in one line. ``epochs`` 0: nothing is touched (``--head_only`` freezes
+    for good). Returns ``net``; a :class:`~torch.nn.parallel.DistributedDataParallel` ``net`` (which fixes the
+    parameters it reduces when built) is built anew around its module when the trainable set changed."""
+    warmup = int(round(epochs * steps_per_epoch))
+    if warmup <= 0:
+        return net
+    frozen = steps_done < warmup
+    params = [p for name, p in model.named_parameters() if name.startswith(("backbone_net.", "bifpn."))]
+    if all(p.requires_grad != frozen for p in params):
+        return net
+    for param in params:
+        param.requires_grad_(not frozen)
+    if frozen:
+        log(f"--head_only_epochs {epochs:g}: backbone and BiFPN ({len(params)} tensors) frozen for steps 1-{warmup} of "
+            f"the schedule")
+    else:
+        log(f"--head_only_epochs {epochs:g}: backbone and BiFPN trainable from step {warmup + 1} of the schedule")
+    if isinstance(net, nn.parallel.DistributedDataParallel):
+        net = nn.parallel.DistributedDataParallel(net.module, device_ids=net.device_ids)
+    return net
 
 
 def load_backbone_weights(model: nn.Module, path: Union[str, Path]) -> int:

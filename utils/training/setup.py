@@ -3,6 +3,7 @@ batch and its data loaders (with the anchor-fit warning). :class:`utils.training
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -10,11 +11,13 @@ import torch.distributed as dist
 
 from backbone import check_input_size
 from efficientdet.anchor_fit import anchor_fit_warning
+from efficientdet.augment import AUGMENT_SETTINGS, check_augmentations
 from efficientdet.config import ModelConfig
-from efficientdet.dataset import DataBundle, create_dataloaders
+from efficientdet.dataset import CocoDataset, DataBundle, create_dataloaders
 from utils.config.device import select_device
 from utils.config.project import ProjectConfig
 from utils.training.parts import ResumableSampler, SignalSafeLoader
+from utils.visual.draw import augmentation_grid
 
 
 def training_device(args: argparse.Namespace, project: ProjectConfig, world: int, local_rank: int) -> torch.device:
@@ -50,10 +53,12 @@ def training_loaders(args: argparse.Namespace, project: ProjectConfig, input_siz
                      device: torch.device, rank: int, world: int) -> DataBundle:
     """The train and val loaders of this process (each rank its own share, resumable sampling, workers started
     with the stop signals held back: :class:`SignalSafeLoader`); at least one train batch."""
+    augment = {key: getattr(args, key, None) or 0.0 for key in AUGMENT_SETTINGS}
+    check_augmentations(augment, prefix="--")
     data = create_dataloaders(
         project, args.data_path, input_size, batch_size, num_workers=args.num_workers,
         flip=not args.no_flip, scale_jitter=args.scale_jitter, seed=args.seed,
-        pin_memory=device.type == "cuda", skip_bad_images=args.skip_bad_images,
+        pin_memory=device.type == "cuda", skip_bad_images=args.skip_bad_images, **augment,
         sampler=lambda dataset, train: ResumableSampler(len(dataset), shuffle=train, seed=args.seed,
                                                          rank=rank, world_size=world))
     if len(data.train_loader) == 0:
@@ -72,3 +77,12 @@ def warn_anchor_fit(data: DataBundle, args: argparse.Namespace, project: Project
                                  f"--data_path {args.data_path} --input_size {input_size}")
     if warning:
         log(f"warning: {warning}")
+
+
+def save_debug_grid(train_set: CocoDataset, project: ProjectConfig, log_dir: Path,
+                    log: Callable[[str], None]) -> Path:
+    """``--debug``: a grid of the first 16 training samples as augmented (boxes drawn) to
+    ``log_dir/augmentations.jpg``; logs and returns its path."""
+    path = augmentation_grid(train_set, Path(log_dir) / "augmentations.jpg", project.mean, project.std)
+    log(f"--debug: augmented training samples in {path}")
+    return path

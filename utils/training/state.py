@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from utils.weights.checkpoints import LEGACY_FORMAT, ResumePoint, find_resume_point, step_from_name
-from utils.training.parts import ModelEMA, warmup_cosine_lambda
-from utils.training.settings import DEFAULTS
+from utils.training.parts import ModelEMA, head_only_warmup, warmup_cosine_lambda
+from utils.training.settings import DEFAULTS, scaled_lr
 from utils.weights.loading import extract_state_dict, read_checkpoint
 
 WARMUP_START = 0.1  # the warm-up starts at this fraction of --lr (official)
@@ -64,12 +64,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def build_optimizer(args: argparse.Namespace, params) -> torch.optim.Optimizer:
+    """``--optim`` over ``params`` at the run's learning rate (:func:`scaled_lr`: ``--lr``, scaled linearly
+    with ``--lr_batch``)."""
     kwargs: Dict[str, Any] = {}
     if args.weight_decay is not None:
         kwargs["weight_decay"] = args.weight_decay
     if args.optim == "adamw":
-        return torch.optim.AdamW(params, args.lr, **kwargs)
-    return torch.optim.SGD(params, args.lr, momentum=0.9, nesterov=True, **kwargs)
+        return torch.optim.AdamW(params, scaled_lr(args), **kwargs)
+    return torch.optim.SGD(params, scaled_lr(args), momentum=0.9, nesterov=True, **kwargs)
 
 
 def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
@@ -87,8 +89,16 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, 
     warmup = int(round(args.warmup_epochs * steps_per_epoch))
     if log is not None and end > start:
         log(f"lr schedule: steps {start + 1}-{end}: linear warm-up over {warmup} steps from "
-            f"{WARMUP_START * args.lr:.3g} to {args.lr:.3g}, then cosine to 0 at step {end}")
+            f"{WARMUP_START * scaled_lr(args):.3g} to {scaled_lr(args):.3g}, then cosine to 0 at step {end}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(steps - 1, warmup, WARMUP_START))
+
+
+def head_only_phase(net: nn.Module, model: nn.Module, args: argparse.Namespace, run: RunState, steps_per_epoch: int,
+                    log: Callable[[str], None]) -> nn.Module:
+    """``--head_only_epochs`` at the point ``run`` is at: :func:`utils.training.parts.head_only_warmup` over the
+    steps of the run's schedule (off with ``--head_only``, which freezes for good). Returns the net to train."""
+    epochs = 0.0 if args.head_only else args.head_only_epochs
+    return head_only_warmup(net, model, run.step - run.schedule_start, steps_per_epoch, epochs, log)
 
 
 def resolve_weights(args: argparse.Namespace, run_dir: Path) -> Optional[ResumePoint]:
@@ -123,8 +133,8 @@ def restore_training_state(ckpt: Dict[str, Any], weights_file: Path, args: argpa
                            ema: Optional[ModelEMA], given: FrozenSet[str], log: Callable[[str], None]) -> RunState:
     """Continue the saved run ``ckpt`` (the ``.state.pt`` beside ``weights_file``, already loaded into
     ``model``): returns its counters. A changed optimizer or schedule starts fresh (logged); an explicit
-    ``--lr``, ``--weight_decay`` or ``--ema_decay`` (in ``given``) applies from the resumed step on; an
-    incomplete state is a ValueError, never a traceback."""
+    ``--lr`` (or ``--lr_batch``, or ``--batch_size`` with it), ``--weight_decay`` or ``--ema_decay`` (in
+    ``given``) applies from the resumed step on; an incomplete state is a ValueError, never a traceback."""
     try:
         return _restore(ckpt, weights_file, args, model, optimizer, scheduler, scaler, ema, given, log)
     except (KeyError, TypeError) as exc:
@@ -199,8 +209,8 @@ def _restore(ckpt, weights_file, args, model, optimizer, scheduler, scaler, ema,
     counters = ckpt.get("run") or {k: ckpt[k] for k in ("epoch", "step", "epoch_step", "best_metric", "best_epoch")}
     run = RunState(**{k: v for k, v in counters.items() if k in RunState.__dataclass_fields__})
     run.bad_steps = 0
-    if "lr" in given or not restored_schedule:
-        set_lr(optimizer, scheduler, args.lr, run.step - run.schedule_start)
+    if "lr" in given or "lr_batch" in given or (args.lr_batch and "batch_size" in given) or not restored_schedule:
+        set_lr(optimizer, scheduler, scaled_lr(args), run.step - run.schedule_start)
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
     elif "rng_torch" in ckpt:

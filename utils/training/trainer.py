@@ -35,10 +35,10 @@ from utils.training.distributed import (agreed_batches, copy_from_rank0, on_all_
                                         sharded_val_map)
 from utils.training.reporting import DEBUG_DIR, RunLog, save_debug_image
 from utils.training.settings import resolve_settings, resume_command
-from utils.training.setup import per_process_batch, training_device, training_loaders, warn_anchor_fit
+from utils.training.setup import per_process_batch, save_debug_grid, training_device, training_loaders, warn_anchor_fit
 from utils.training.step import amp_dtype, optimizer_step
 from utils.training.state import (build_optimizer, build_scheduler, initial_run_state, resolve_weights,
-                                  schedule_start, seed_everything, training_state)
+                                  head_only_phase, schedule_start, seed_everything, training_state)
 from utils.weights.loading import HeadMismatchError, load_weights, remove_stale_temp_files
 
 MAX_BAD_STEPS = 10  # consecutive non-finite steps before the run stops
@@ -59,7 +59,7 @@ class Trainer:
             remove_stale_temp_files(self.run_dir)
         resume = resolve_weights(args, self.run_dir)
         saved = (resume.state.get("config") or {}) if resume is not None and resume.state is not None else None
-        self.args, self.given = resolve_settings(args, saved, self.log)
+        self.args, self.given = resolve_settings(args, saved, self.log, self.run_dir if self.is_main else None)
         args = self.args
         self.device = training_device(args, self.project, self.world, self.local_rank)
         self.config = get_model_config(args.compound_coef)
@@ -78,10 +78,13 @@ class Trainer:
         self.train_loader, self.val_loader = self.data.train_loader, self.data.val_loader
         if self.is_main:
             warn_anchor_fit(self.data, args, self.project, self.config, self.input_size, self.log)
+            if args.debug:  # the augmented samples, as a grid in the log folder
+                save_debug_grid(self.data.train_set, self.project, self.log_dir, self.log)
         self.train_sampler: ResumableSampler = self.train_loader.sampler
 
         self.model = self._build_model(args, resume)
-        self.net: nn.Module = ModelWithLoss(self.model, DetectionLoss(self.loss_name, from_logits=True))
+        self.net: nn.Module = ModelWithLoss(self.model, DetectionLoss(self.loss_name, from_logits=True),
+                                                 channels_last=args.channels_last)
         if self.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
@@ -303,6 +306,7 @@ class Trainer:
             for batch in agreed_batches(self.train_loader, self._on_all_ranks):
                 self._check_stop()
                 images, annotations = batch["img"].to(self.device), batch["annot"].to(self.device)
+                self.net = head_only_phase(self.net, self.model, args, state, self.steps_per_epoch, self.log)
                 losses = self.train_step(images, annotations)
                 state.epoch_step += 1
                 self.unsaved = True

@@ -1,8 +1,10 @@
-"""Drawing detections on images: a box and a ``name score`` label per detection, one colour per class."""
+"""Drawing detections on images: a box and a ``name score`` label per detection, one colour per class; a grid
+of augmented training samples with their boxes (``--debug``)."""
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -89,3 +91,35 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, class_ids: np.ndarray,
         label = f"{name or f'class {int(class_id)}'} {float(score):.2f}"
         draw_box(canvas, box, color_for_class(int(class_id)), label=label, thickness=thickness)
     return canvas
+
+
+def augmentation_grid(dataset: Any, path: Union[str, Path], mean: Sequence[float], std: Sequence[float],
+                      count: int = 16, columns: int = 4, tile: int = 256) -> Path:
+    """Samples ``0 … count - 1`` of ``dataset`` (as training transforms them: ``dataset[i]`` is a dict with
+    'img' ``np.ndarray[S, S, 3]`` normalised RGB and 'annot' ``np.ndarray[M, 5] (x1, y1, x2, y2, label)``, pixels
+    of 'img') de-normalised (``img · std + mean``), their boxes drawn in the colour of their class, in a grid of
+    ``columns`` tiles of ``tile × tile`` pixels per row, written as a JPEG to ``path``; returns ``path``.
+    Fewer samples than ``count``: as many as there are (empty tiles black)."""
+    count = min(int(count), len(dataset))
+    if count < 1 or columns < 1 or tile < 1:
+        raise ValueError(f"augmentation_grid: need a non-empty dataset, columns >= 1, tile >= 1, got "
+                         f"{len(dataset)} samples, columns={columns}, tile={tile}")
+    rows = (count + columns - 1) // columns
+    grid = np.zeros((rows * tile, columns * tile, 3), dtype=np.uint8)
+    mean_, std_ = np.asarray(mean, np.float64).reshape(1, 1, 3), np.asarray(std, np.float64).reshape(1, 1, 3)
+    for i in range(count):
+        sample: Dict[str, Any] = dataset[i]
+        image = np.asarray(sample["img"], dtype=np.float64) * std_ + mean_
+        scale = tile / max(image.shape[:2])
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        bgr = np.ascontiguousarray((np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)[..., ::-1])
+        bgr = np.ascontiguousarray(cv2.resize(bgr, size, interpolation=cv2.INTER_AREA))
+        for box in np.asarray(sample["annot"], dtype=np.float64).reshape(-1, 5):
+            draw_box(bgr, box[:4] * scale, color_for_class(int(box[4])), thickness=1)
+        row, column = divmod(i, columns)
+        grid[row * tile:row * tile + bgr.shape[0], column * tile:column * tile + bgr.shape[1]] = bgr
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), grid):
+        raise ValueError(f"augmentation_grid: cannot write {path}")
+    return path
