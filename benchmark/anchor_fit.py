@@ -7,17 +7,15 @@ Writes an elongated shape set (``tools/make_shape_dataset.py --aspect 5 8``), on
 anchors and one with the anchors :func:`efficientdet.anchor_fit.fit_anchors` proposes, then trains D0 from
 scratch on each with the same seed, data order and number of steps (``train.py``) and evaluates each on the
 val set (``coco_eval.py``), both run as a user runs them. Prints the recall of each anchor set on the train and
-val boxes and the mAP of each model.
+val boxes and the mAP of each model. Each run's output goes to ``OUT/{default,fitted}/train.log`` and ``eval.log``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -25,13 +23,13 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmark.training_runs import ScriptFailed, train_and_evaluate as train_and_evaluate_run  # noqa: E402
 from efficientdet.anchor_fit import anchor_grid, best_anchor_iou, dataset_boxes, fit_anchors, yaml_lines  # noqa: E402
 from efficientdet.anchors import DEFAULT_RATIOS, DEFAULT_SCALES  # noqa: E402
 from efficientdet.config import get_model_config  # noqa: E402
 from efficientdet.dataset import CocoDataset  # noqa: E402
 from efficientdet.synthetic import make_shape_dataset  # noqa: E402
 from utils.config.project import load_project, write_anchors  # noqa: E402
-from utils.weights.checkpoints import find_resume_point  # noqa: E402
 
 def project_text() -> str:
     """``projects/shape.yml`` (the COCO anchors) made the ``bars`` project of the elongated set."""
@@ -63,36 +61,37 @@ def recall(dataset: CocoDataset, scales, ratios, size: int) -> float:
 
 def train_and_evaluate(args: argparse.Namespace, name: str, project: Path) -> Dict[str, float]:
     """``train.py`` then ``coco_eval.py`` on ``project``; returns the COCO metrics and the training time."""
-    run = args.out / name
-    data = str(args.out / "datasets")
-    common = ["-c", "0", "-p", str(project), "--data_path", data, "--input_size", str(args.size)]
-    start = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "train.py"), *common, "--batch_size", str(args.batch_size),
-                    "--loss", args.loss, "--lr", "2e-3", "--lr_schedule", "cosine", "--bn_momentum", "0.1",
-                    "--num_epochs", "1000", "--max_steps", str(args.steps), "--val_interval", "0",
-                    "--save_interval", "0", "--seed", str(args.seed), "-n", "0", "--device", "cpu",
-                    "--saved_path", str(run / "ckpt"), "--log_path", str(run / "logs")], check=True)
-    seconds = time.perf_counter() - start
-    weights = find_resume_point(run / "ckpt" / "bars", 0).weights
-    metrics_file = run / "metrics.json"
-    subprocess.run([sys.executable, str(REPO / "coco_eval.py"), *common, "-w", str(weights), "--device", "cpu",
-                    "--output", str(run), "--save_json", str(metrics_file), "--no_progress"], check=True,
-                   stdout=subprocess.DEVNULL)
-    metrics = json.loads(metrics_file.read_text())
-    return {"mAP": metrics["AP"], "AP50": metrics["AP50"], "train_s": seconds}
+    common = ["-c", "0", "-p", str(project), "--data_path", str(args.out / "datasets"), "--input_size",
+              str(args.size), "--device", "cpu"]
+    print(f"training with the {name} anchors: log {args.out / name / 'train.log'}", flush=True)
+    return train_and_evaluate_run(args.out / name, common,
+                                  ["--batch_size", str(args.batch_size), "--loss", args.loss, "--lr", "2e-3",
+                                   "--lr_schedule", "cosine", "--bn_momentum", "0.1", "--num_epochs", "1000",
+                                   "--max_steps", str(args.steps), "--val_interval", "0", "--save_interval", "0",
+                                   "--seed", str(args.seed), "-n", "0"], "bars")
 
 
-def run(args: argparse.Namespace) -> int:
-    root = args.out / "datasets" / "bars"
-    make_shape_dataset(root, args.num_train, args.num_val, args.size, args.seed, aspect=tuple(args.aspect))
-    projects = {"default": args.out / "bars_default.yml", "fitted": args.out / "bars_fitted.yml"}
+def write_bars(out: Path, size: int, num_train: int, num_val: int, aspect: Tuple[float, float],
+               seed: int) -> Dict[str, Path]:
+    """The elongated shape set under ``out/datasets/bars`` (``size`` px images) and its two projects:
+    ``{"default": out/bars_default.yml (the COCO anchors), "fitted": out/bars_fitted.yml (the anchors
+    :func:`fit_anchors` proposes for the train boxes at input ``size``)}``."""
+    root = out / "datasets" / "bars"
+    make_shape_dataset(root, num_train, num_val, size, seed, aspect=tuple(aspect))
+    projects = {"default": out / "bars_default.yml", "fitted": out / "bars_fitted.yml"}
     for path in projects.values():
         path.write_text(project_text())
     train = CocoDataset(root, "train", load_project(projects["default"]), verify_images=False, progress=False)
+    default = anchor_grid(get_model_config(0), DEFAULT_SCALES, DEFAULT_RATIOS, size)
+    write_anchors(projects["fitted"], yaml_lines(fit_anchors(dataset_boxes(train, size)[0], default)))
+    return projects
+
+
+def run(args: argparse.Namespace) -> int:
+    projects = write_bars(args.out, args.size, args.num_train, args.num_val, tuple(args.aspect), args.seed)
+    root = args.out / "datasets" / "bars"
+    train = CocoDataset(root, "train", load_project(projects["default"]), verify_images=False, progress=False)
     val = CocoDataset(root, "val", load_project(projects["default"]), verify_images=False, progress=False)
-    default = anchor_grid(get_model_config(0), DEFAULT_SCALES, DEFAULT_RATIOS, args.size)
-    fitted = fit_anchors(dataset_boxes(train, args.size)[0], default)
-    write_anchors(projects["fitted"], yaml_lines(fitted))
     rows: List[Dict[str, object]] = []
     for name, path in projects.items():
         project = load_project(path)
@@ -118,4 +117,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(parse_args()))
+    try:
+        sys.exit(run(parse_args()))
+    except ScriptFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpointing import checkpointed, needs_checkpoint
-from .lean import batchnorm_swish, batchnorm_swish_saved, scale_swish_output
+from .lean import batchnorm_swish, batchnorm_swish_saved, conv_of_batchnorm_swish
 from .config import DROP_CONNECT_RATE, STEM_CHANNELS, get_scaling, round_filters, scaled_blocks
 from .utils import BN_EPS, BN_MOMENTUM, Conv2dStaticSamePadding, Swish, drop_connect
 
@@ -53,14 +53,17 @@ class MBConvBlock(nn.Module):
 
     def forward(self, inputs: Tensor, drop_connect_rate: float = 0.0) -> Tensor:
         """inputs: Tensor[B, C_in, H, W] -> Tensor[B, C_out, H / stride, W / stride]."""
+        # swish(bn(.)) and the convs reading it keep only the BN inputs for the backward (efficientnet/lean.py)
         x = inputs
         if self.has_expansion:
-            x = batchnorm_swish(self._bn0, self._expand_conv(x))  # swish(bn(x)), keeping less for the backward
-        x, saved = batchnorm_swish_saved(self._bn1, self._depthwise_conv(x))
+            x, saved = batchnorm_swish_saved(self._bn0, self._expand_conv(x))
+            x = conv_of_batchnorm_swish(self._depthwise_conv, x, saved)
+        else:
+            x = self._depthwise_conv(x)
+        x, saved = batchnorm_swish_saved(self._bn1, x)
         squeezed = x.mean(dim=(2, 3), keepdim=True)
         squeezed = self._se_expand(self._swish(self._se_reduce(squeezed)))
-        x = scale_swish_output(x, torch.sigmoid(squeezed), saved)  # sigmoid(squeezed) * x
-        x = self._bn2(self._project_conv(x))
+        x = self._bn2(conv_of_batchnorm_swish(self._project_conv, x, saved, torch.sigmoid(squeezed)))
         if self.has_residual:
             x = drop_connect(x, drop_connect_rate, self.training) + inputs
         return x

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +100,69 @@ def test_dataset_check_reports_the_check_against_loading_and_training(tmp_path, 
     assert result["loading"] == {**result["loading"], "batches": 2, "images": 4}
     assert 0 < result["check"]["median_s"] < result["loading"]["seconds"] + result["estimated_epoch_s"]
     assert result["check_share_of_epoch"] == pytest.approx(result["check"]["median_s"] / result["estimated_epoch_s"])
+
+
+def test_recipes_calibration_arithmetic():
+    from benchmark.training_runs import budget_steps, seconds_per_step
+
+    # Records at 10.0 (first step, excluded), 10.5, 11.5, 12.5: 2.5 s over the 3 steps after the first.
+    assert seconds_per_step([10.0, 10.5, 11.5, 12.5]) == pytest.approx(2.5 / 3)
+    assert budget_steps(30, 1.2) == 1500  # 1800 s / 1.2 s
+    assert budget_steps(1, 0.7) == 85  # floor(60 / 0.7 = 85.7)
+    assert budget_steps(0.001, 5.0) == 1
+    with pytest.raises(ValueError, match="1 training step"):
+        seconds_per_step([3.0])
+
+
+def test_recipes_calibration_times_the_records_of_a_running_script(tmp_path):
+    from benchmark.training_runs import calibrate
+
+    log = tmp_path / "train_log.jsonl"
+    script = tmp_path / "fake_train.py"  # a step record every 0.25 s after a slow first one
+    script.write_text("import sys, time\nfor i in range(4):\n    time.sleep(0.5 if i == 0 else 0.25)\n"
+                      f"    open({str(log)!r}, 'a').write('{{}}\\n')\n")
+    seconds = calibrate([sys.executable, str(script)], tmp_path / "out.log", log, None)
+    assert 0.25 - 0.03 <= seconds < 0.5
+    script.write_text("import sys\nprint('the failing line')\nsys.exit(3)\n")
+    with pytest.raises(OSError, match="status 3") as failure:
+        calibrate([sys.executable, str(script)], tmp_path / "out.log", tmp_path / "none.jsonl", None)
+    assert str(failure.value).endswith("the failing line")
+
+
+def test_recipes_refuses_a_flags_row_that_sets_the_budget(tmp_path, capsys):
+    from benchmark import recipes
+
+    rc = recipes.main(recipes.parse_args(["--recipes", "published", "--flags", "--lr 1e-3 --max_steps 5",
+                                          "--work", str(tmp_path)]))
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "--max_steps is set by the benchmark" in err
+    assert recipes.main(recipes.parse_args(["--recipes", "nonexistent", "--work", str(tmp_path)])) == 1
+    assert "unknown recipe 'nonexistent'" in capsys.readouterr().err
+
+
+def test_recipes_trains_and_evaluates_each_row(tmp_path, capsys):
+    # Four subprocesses (train.py and coco_eval.py per row, one thread each): about 15 s.
+    from benchmark import recipes
+    from tests.test_train import write_tiny_project
+
+    yaml_path = write_tiny_project(tmp_path, num_train=4)
+    out = tmp_path / "recipes.json"
+    rc = recipes.main(recipes.parse_args(
+        ["--recipes", "published", "--flags", "--lr 1e-3", "-p", str(yaml_path), "--data_path",
+         str(tmp_path / "datasets"), "--input_size", "128", "--batch_size", "2", "--steps", "2", "--threads", "1",
+         "--work", str(tmp_path / "work"), "--json", str(out)]))
+    printed = capsys.readouterr().out
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["published", "--lr 1e-3"]
+    for r in rows:
+        assert r["steps"] == 2 and 0.0 <= r["mAP"] <= 1.0 and 0.0 <= r["AP50"] <= 1.0 and r["train_s"] > 0
+        assert r["train_args"][-10:] == ["--seed", "0", "--num_epochs", "2", "--max_steps", "2", "--val_interval",
+                                         "0", "--save_interval", "0"]
+        # train.py stopped at the budget: its log has one record per step.
+        logs = list(Path(r["folder"]).glob("logs/*/train_log.jsonl"))
+        assert len(logs) == 1 and [json.loads(l)["step"] for l in logs[0].read_text().splitlines()] == [1, 2]
+    assert rows[0]["train_args"][rows[0]["train_args"].index("--recipe") + 1] == "published"
+    table = printed.splitlines()[-3:]
+    assert table[0].split() == ["row", "steps", "train", "min", "mAP", "mAP50"]
+    assert table[1].split()[:2] == ["published", "2"] and table[2].split()[:3] == ["--lr", "1e-3", "2"]

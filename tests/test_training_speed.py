@@ -147,10 +147,13 @@ def _run_steps(dtype, steps=3):
 
 
 def test_bf16_autocast_steps_on_cpu_stay_finite_and_near_float32():
+    """The first loss (the same weights: bf16 rounding only) within 2 % of float32; the later ones, after AdamW
+    steps that follow the sign of noise-sized gradients differently, within the documented 11 % (amp_drift.py)."""
     fp32, bf16 = _run_steps(None), _run_steps(torch.bfloat16)
     assert all(torch.isfinite(torch.tensor(bf16)))
-    for a, b in zip(fp32, bf16):
-        assert abs(b - a) <= 0.05 * abs(a), (fp32, bf16)
+    assert abs(bf16[0] - fp32[0]) <= 0.02 * abs(fp32[0]), (fp32, bf16)
+    for a, b in zip(fp32[1:], bf16[1:]):
+        assert abs(b - a) <= 0.11 * abs(a), (fp32, bf16)
 
 
 def test_amp_dtype_says_once_when_bf16_is_emulated(monkeypatch):
@@ -217,38 +220,76 @@ def test_guard_refuses_a_zero_snapshot_interval():
 
 
 
-def test_lean_batchnorm_swish_and_scale_equal_the_plain_modules_keeping_less():
-    """swish(bn(x)) * s through BatchNormSwish + ScaleSwishOutput: the values, gradients and running statistics
-    of nn.BatchNorm2d -> x * sigmoid(x) -> * s written out, keeping fewer bytes for the backward."""
-    from efficientnet.lean import batchnorm_swish_saved, scale_swish_output
+@pytest.mark.parametrize("kernel, stride, scaled", [(3, 1, False), (5, 2, False), (1, 1, True)])
+def test_lean_conv_of_batchnorm_swish_equals_the_plain_modules_keeping_less(kernel, stride, scaled):
+    """conv(swish(bn(x)) [* s]) through BatchNormSwish + ConvOfBatchNormSwish: the values, gradients and running
+    statistics of nn.BatchNorm2d -> x * sigmoid(x) [-> * s] -> F.pad ("SAME", strided) -> nn.Conv2d written out
+    (bit for bit: the recomputed input has the forward's bits on the CPU), keeping under half the bytes."""
+    from efficientnet.lean import batchnorm_swish_saved, conv_of_batchnorm_swish
+    from efficientnet.utils import Conv2dStaticSamePadding
 
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(8, momentum=0.01, eps=1e-3).train()
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5), bn.bias.normal_()
-    plain_bn = copy.deepcopy(bn)
+    conv = Conv2dStaticSamePadding(8, 6 if scaled else 8, kernel, stride=stride, groups=1 if scaled else 8,
+                                   bias=False)
+    plain_bn, plain_conv = copy.deepcopy(bn), copy.deepcopy(conv.conv)
     x = torch.randn(2, 8, 12, 12, requires_grad=True)
-    s = torch.rand(2, 8, 1, 1, requires_grad=True)
-    x2, s2 = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    s = torch.rand(2, 8, 1, 1, requires_grad=True) if scaled else None
+    x2 = x.detach().clone().requires_grad_()
+    s2 = s.detach().clone().requires_grad_() if scaled else None
 
     def lean():
         y, saved = batchnorm_swish_saved(bn, x)
         assert saved is not None
-        return scale_swish_output(y, s, saved)
+        return conv_of_batchnorm_swish(conv, y, saved, s)
 
     def plain():
         z = plain_bn(x2)
-        return z * torch.sigmoid(z) * s2
+        y = z * torch.sigmoid(z)
+        y = y * s2 if scaled else y
+        if stride == 2:  # TensorFlow "SAME" of a 12 x 12 input, kernel 5, stride 2: 1 before, 2 after
+            y = F.pad(y, (1, 2, 1, 2))
+        return plain_conv(y)
 
     out, ref = [], []
     kept_lean = _saved_bytes(lambda: out.append(lean()))
     kept_plain = _saved_bytes(lambda: ref.append(plain()))
+    assert out[0].shape == ref[0].shape == (2, conv.conv.out_channels, 12 // stride, 12 // stride)
     grad = torch.randn_like(ref[0])
     out[0].backward(grad), ref[0].backward(grad)
     torch.testing.assert_close(out[0], ref[0], rtol=1e-6, atol=1e-6)
-    for a, b in ((x.grad, x2.grad), (s.grad, s2.grad), (bn.weight.grad, plain_bn.weight.grad),
-                 (bn.bias.grad, plain_bn.bias.grad)):
+    pairs = [(x.grad, x2.grad), (bn.weight.grad, plain_bn.weight.grad), (bn.bias.grad, plain_bn.bias.grad),
+             (conv.conv.weight.grad, plain_conv.weight.grad)] + ([(s.grad, s2.grad)] if scaled else [])
+    for a, b in pairs:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(bn, name), getattr(plain_bn, name), rtol=0, atol=0)
     assert kept_lean < 0.5 * kept_plain
+
+
+def test_mbconv_block_training_step_is_the_plain_modules_bit_for_bit():
+    """An expanded, strided MBConv block (the lean forms inside) against the same block's modules called plainly
+    (BN, F.silu, squeeze-excitation, F.pad, convs written out): the same output and gradients bit for bit
+    in the plain layout on the CPU."""
+    from efficientnet.model import MBConvBlock
+
+    torch.manual_seed(0)
+    block = MBConvBlock(16, 24, kernel=5, stride=2, expand_ratio=6, se_ratio=0.25).train()
+    plain = copy.deepcopy(block)
+    x = torch.randn(2, 16, 16, 16)
+
+    def written_out(b, inputs):
+        swish = F.silu  # the published Swish module's kernel
+        h = swish(b._bn0(b._expand_conv.conv(inputs)))
+        h = swish(b._bn1(b._depthwise_conv.conv(F.pad(h, (1, 2, 1, 2)))))  # "SAME": 16 px, kernel 5, stride 2
+        squeezed = b._se_expand.conv(swish(b._se_reduce.conv(h.mean(dim=(2, 3), keepdim=True))))
+        return b._bn2(b._project_conv.conv(torch.sigmoid(squeezed) * h))
+
+    out, ref = block(x), written_out(plain, x)
+    grad = torch.randn_like(ref)
+    out.backward(grad), ref.backward(grad)
+    assert torch.equal(out, ref)
+    for (name, p), q in zip(block.named_parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad), name
