@@ -6,7 +6,8 @@
 Each variant runs in a fresh subprocess (peak memory is that process's max RSS on CPU, max allocated on CUDA),
 variants taking turns, ``--rounds`` times; a watchdog kills a child above ``--cap_gib`` of RSS and reports it as
 "does not fit". A step is what the trainer runs: forward, loss, backward, optimizer (AdamW), the non-finite guard
-(``base``: the starting loop's guard, which copied every weight and optimizer tensor per step), on one synthetic
+(``base``: the starting loop's guard, which copied every weight and optimizer tensor per step; ``nchw``: fp32 with
+``channels_last=False``, whose losses equal ``base``'s bit for bit), on one synthetic
 batch, glibc keeping freed memory as ``train.py`` does. Prints medians and ratios against ``base``.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = {"base": (), "fp32": (), "amp": ("amp",), "ckpt": ("ckpt",), "amp+ckpt": ("amp", "ckpt")}
+VARIANTS = {"base": (), "fp32": (), "nchw": ("nchw",), "amp": ("amp",), "ckpt": ("ckpt",), "amp+ckpt": ("amp", "ckpt")}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -54,7 +55,8 @@ def child(args: argparse.Namespace) -> int:
     model = EfficientDet(num_classes=2, compound_coef=coef).train().to(device)
     if "ckpt" in flags:
         model.set_grad_checkpointing(True)
-    net = ModelWithLoss(model, DetectionLoss("yaep", from_logits=True))
+    layout = {} if args.child == "base" else {"channels_last": False if "nchw" in flags else None}
+    net = ModelWithLoss(model, DetectionLoss("yaep", from_logits=True), **layout)
     optimizer = torch.optim.AdamW(model.parameters(), 1e-4)
     guard = FiniteGuard(model, optimizer)
     images = torch.randn(batch, 3, size, size, device=device)
@@ -126,7 +128,10 @@ def main(args: argparse.Namespace) -> int:
                 continue
             summary[variant] = (statistics.median(r["seconds"] for r in good), max(r["peak_gib"] for r in good))
             base = summary.get("base", summary[variant])
-            first = " ".join(f"{c + r:.5f}" for c, r in good[0]["losses"][:2])  # fp32 variants: the same
+            first = " ".join(f"{c + r:.5f}" for c, r in good[0]["losses"][:2])
+            if variant != "base" and results.get("base") and "error" not in results["base"][0]:
+                same = good[0]["losses"] == results["base"][0]["losses"]  # every step's float32 losses
+                first += "  (= base, bit for bit)" if same else ""
             print(f"{variant:<10}{summary[variant][0]:>9.3f}{summary[variant][0] / base[0]:>8.2f}"
                   f"{summary[variant][1]:>10.2f}{summary[variant][1] / base[1]:>8.2f}  {first}")
     return 0
