@@ -19,6 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+#: ``(stride, padding, dilation, groups)`` of an ``nn.Conv2d``.
+ConvArgs = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], int]
+
+
 def _batchnorm_again(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
     """``batch_norm(x)`` from saved batch statistics: ``x * (invstd * w) + (b - mean * invstd * w)``."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -48,6 +52,54 @@ class BatchNormSwish(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+def _conv(inputs: Tensor, weight: Tensor, pad: Tuple[int, int, int, int], conv: ConvArgs) -> Tensor:
+    """``conv2d(F.pad(inputs, pad), weight)`` with ``conv`` = ``(stride, padding, dilation, groups)``, no bias."""
+    if any(pad):
+        inputs = F.pad(inputs, pad)
+    stride, padding, dilation, groups = conv
+    return F.conv2d(inputs, weight, None, stride, padding, dilation, groups)
+
+
+def _conv_backward(grad: Tensor, inputs: Tensor, weight: Tensor, pad: Tuple[int, int, int, int], conv: ConvArgs,
+                   weight_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """The gradients of :func:`_conv` for its unpadded ``inputs`` and (``weight_grad``) its ``weight``."""
+    if any(pad):
+        inputs = F.pad(inputs, pad)
+    stride, padding, dilation, groups = conv
+    grad_inputs, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad, inputs, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, weight_grad, False])
+    if any(pad):  # a dense copy, as F.pad's own backward (a strided view takes other, scalar, kernels)
+        grad_inputs = F.pad(grad_inputs, tuple(-p for p in pad))
+    return grad_inputs, grad_weight
+
+
+class BatchNormSwishConv(torch.autograd.Function):
+    """``conv2d(pad(silu(batch_norm(x))), weight)`` in training mode (batch statistics, running statistics updated
+    in place): :class:`BatchNormSwish` and the convolution reading its output (the depthwise conv after an
+    MBConv block's expansion) in one, saving ``x``, the weights and the batch statistics only; the backward
+    recomputes ``batch_norm(x)`` once for both. ``pad`` / ``conv`` as :class:`ConvOfBatchNormSwish`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                momentum: float, eps: float, weight: Tensor, pad: Tuple[int, int, int, int],
+                conv: ConvArgs) -> Tensor:
+        z, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True, momentum,
+                                                  eps)
+        ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
+        ctx.eps, ctx.pad, ctx.conv = eps, pad, conv
+        return _conv(F.silu(z), weight, pad, conv)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        x, bn_weight, bn_bias, mean, invstd, weight = ctx.saved_tensors
+        z = _batchnorm_again(x, bn_weight, bn_bias, mean, invstd)
+        grad_y, grad_weight = _conv_backward(grad, F.silu(z), weight, ctx.pad, ctx.conv, ctx.needs_input_grad[7])
+        grad_x, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+            torch.ops.aten.silu_backward(grad_y, z), x, bn_weight, None, None, mean, invstd, True, ctx.eps,
+            [True, True, True])
+        return grad_x, grad_bn_weight, grad_bn_bias, None, None, None, None, grad_weight, None, None
+
+
 class ConvOfBatchNormSwish(torch.autograd.Function):
     """``conv2d(pad(y [* s]), weight)`` for ``y`` an output of :class:`BatchNormSwish` (``s``: Tensor[B, C, 1, 1],
     squeeze-excitation's scale, or None), saving ``weight``, ``s`` and what :class:`BatchNormSwish` keeps already
@@ -57,29 +109,18 @@ class ConvOfBatchNormSwish(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: Tensor, s: Optional[Tensor], weight: Tensor, pad: Tuple[int, int, int, int],
-                conv: Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], int], x: Tensor, bn_weight: Tensor,
-                bn_bias: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
-        inputs = y if s is None else y * s
-        if any(pad):
-            inputs = F.pad(inputs, pad)
-        stride, padding, dilation, groups = conv
+                conv: ConvArgs, x: Tensor, bn_weight: Tensor, bn_bias: Tensor, mean: Tensor,
+                invstd: Tensor) -> Tensor:
         ctx.save_for_backward(weight, s, x, bn_weight, bn_bias, mean, invstd)
         ctx.pad, ctx.conv = pad, conv
-        return F.conv2d(inputs, weight, None, stride, padding, dilation, groups)
+        return _conv(y if s is None else y * s, weight, pad, conv)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         weight, s, x, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
         y = F.silu(_batchnorm_again(x, bn_weight, bn_bias, mean, invstd))
-        inputs = y if s is None else y * s
-        if any(ctx.pad):
-            inputs = F.pad(inputs, ctx.pad)
-        stride, padding, dilation, groups = ctx.conv
-        grad_inputs, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad, inputs, weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [True, ctx.needs_input_grad[2], False])
-        if any(ctx.pad):  # a dense copy, as F.pad's own backward (a strided view takes other, scalar, kernels)
-            grad_inputs = F.pad(grad_inputs, tuple(-p for p in ctx.pad))
+        grad_inputs, grad_weight = _conv_backward(grad, y if s is None else y * s, weight, ctx.pad, ctx.conv,
+                                                  ctx.needs_input_grad[2])
         if s is None:
             return grad_inputs, None, grad_weight, None, None, None, None, None, None, None
         grad_s = (grad_inputs * y).sum(dim=(2, 3), keepdim=True) if ctx.needs_input_grad[1] else None
@@ -94,33 +135,63 @@ def batchnorm_swish(bn: nn.Module, x: Tensor) -> Tensor:
     return batchnorm_swish_saved(bn, x)[0]
 
 
-def batchnorm_swish_saved(bn: nn.Module, x: Tensor) -> Tuple[Tensor, Saved]:
-    """``silu(bn(x))`` and what :func:`conv_of_batchnorm_swish` needs; through :class:`BatchNormSwish` where it applies
-    (a float32 ``nn.BatchNorm2d`` with affine weights and running statistics, training with gradients, no
-    autocast), else the plain modules (evaluation, folded BN = ``nn.Identity``, SyncBatchNorm, mixed precision;
-    the second value is then None). Same values and running statistics either way."""
+def _lean_momentum(bn: nn.Module, x: Tensor) -> Optional[float]:
+    """None where the lean forms do not apply (evaluation, folded BN = ``nn.Identity``, SyncBatchNorm, no affine
+    weights or running statistics, no gradients, not float32, autocast); else the momentum of this step, with
+    ``num_batches_tracked`` counted as ``nn.BatchNorm2d`` counts it."""
     if not (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
             and torch.is_grad_enabled() and x.dtype == bn.weight.dtype == torch.float32
             and not torch.is_autocast_enabled(x.device.type)):
-        return F.silu(bn(x)), None
+        return None
     momentum = bn.momentum
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
             momentum = 1.0 / float(bn.num_batches_tracked)
+    return momentum
+
+
+def _conv_args(wrapper: nn.Module, x: Tensor) -> Optional[Tuple[Tuple[int, int, int, int], ConvArgs]]:
+    """``(pad, conv)`` of an ``efficientnet.utils.Conv2dStaticSamePadding`` for input ``x``; None where the lean
+    forms do not take it (a bias, string padding)."""
+    conv = wrapper.conv
+    if conv.bias is not None or not isinstance(conv.padding, tuple):
+        return None
+    from efficientnet.utils import same_padding  # efficientnet.utils imports nothing of this module
+    pad = (same_padding(tuple(x.shape[-2:]), wrapper.kernel_size, wrapper.stride, wrapper.dilation)
+           if wrapper._needs_pad else (0, 0, 0, 0))
+    return pad, (conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def batchnorm_swish_saved(bn: nn.Module, x: Tensor) -> Tuple[Tensor, Saved]:
+    """``silu(bn(x))`` and what :func:`conv_of_batchnorm_swish` needs; through :class:`BatchNormSwish` where it
+    applies (a float32 ``nn.BatchNorm2d`` with affine weights and running statistics, training with gradients, no
+    autocast), else the plain modules (evaluation, folded BN = ``nn.Identity``, SyncBatchNorm, mixed precision;
+    the second value is then None). Same values and running statistics either way."""
+    momentum = _lean_momentum(bn, x)
+    if momentum is None:
+        return F.silu(bn(x)), None
     y, mean, invstd = BatchNormSwish.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
     return y, (x, bn.weight, bn.bias, mean, invstd)
+
+
+def batchnorm_swish_conv(bn: nn.Module, x: Tensor, wrapper: nn.Module) -> Tensor:
+    """``wrapper(silu(bn(x)))`` (``wrapper``: an ``efficientnet.utils.Conv2dStaticSamePadding`` without bias)
+    through :class:`BatchNormSwishConv` where the lean forms apply (see :func:`batchnorm_swish_saved`), else the
+    plain modules. Same values, gradients and running statistics either way."""
+    args = _conv_args(wrapper, x)
+    momentum = _lean_momentum(bn, x) if args is not None else None
+    if momentum is None:
+        return wrapper(F.silu(bn(x)))
+    return BatchNormSwishConv.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
+                                    wrapper.conv.weight, *args)
 
 
 def conv_of_batchnorm_swish(wrapper: nn.Module, y: Tensor, saved: Saved, s: Optional[Tensor] = None) -> Tensor:
     """``wrapper(y * s)`` (``wrapper``: an ``efficientnet.utils.Conv2dStaticSamePadding`` without bias; ``s`` None:
     ``wrapper(y)``) for ``(y, saved)`` from :func:`batchnorm_swish_saved`, keeping neither ``y`` nor ``y * s`` for
     the backward where ``saved`` is not None (:class:`ConvOfBatchNormSwish`); else the plain modules."""
-    conv = wrapper.conv
-    if saved is None or conv.bias is not None or not isinstance(conv.padding, tuple):
+    args = _conv_args(wrapper, y) if saved is not None else None
+    if args is None:
         return wrapper(y if s is None else y * s)
-    from efficientnet.utils import same_padding  # efficientnet.utils imports nothing of this module
-    pad = (same_padding(tuple(y.shape[-2:]), wrapper.kernel_size, wrapper.stride, wrapper.dilation)
-           if wrapper._needs_pad else (0, 0, 0, 0))
-    return ConvOfBatchNormSwish.apply(y, s, conv.weight, pad, (conv.stride, conv.padding, conv.dilation, conv.groups),
-                                      *saved)
+    return ConvOfBatchNormSwish.apply(y, s, wrapper.conv.weight, *args, *saved)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpointing import checkpointed, needs_checkpoint
-from .lean import batchnorm_swish, batchnorm_swish_saved, conv_of_batchnorm_swish
+from .lean import batchnorm_swish, batchnorm_swish_conv, batchnorm_swish_saved, conv_of_batchnorm_swish
 from .config import DROP_CONNECT_RATE, STEM_CHANNELS, get_scaling, round_filters, scaled_blocks
 from .utils import BN_EPS, BN_MOMENTUM, Conv2dStaticSamePadding, Swish, drop_connect
 
@@ -56,8 +56,7 @@ class MBConvBlock(nn.Module):
         # swish(bn(.)) and the convs reading it keep only the BN inputs for the backward (efficientnet/lean.py)
         x = inputs
         if self.has_expansion:
-            x, saved = batchnorm_swish_saved(self._bn0, self._expand_conv(x))
-            x = conv_of_batchnorm_swish(self._depthwise_conv, x, saved)
+            x = batchnorm_swish_conv(self._bn0, self._expand_conv(x), self._depthwise_conv)
         else:
             x = self._depthwise_conv(x)
         x, saved = batchnorm_swish_saved(self._bn1, x)

@@ -270,9 +270,10 @@ def test_lean_conv_of_batchnorm_swish_equals_the_plain_modules_keeping_less(kern
 
 
 def test_mbconv_block_training_step_is_the_plain_modules_bit_for_bit():
-    """An expanded, strided MBConv block (the lean forms inside) against the same block's modules called plainly
-    (BN, F.silu, squeeze-excitation, F.pad, convs written out): the same output and gradients bit for bit
-    in the plain layout on the CPU."""
+    """An expanded, strided MBConv block (the lean forms inside: BatchNormSwishConv, BatchNormSwish,
+    ConvOfBatchNormSwish) against the same block's modules called plainly (BN, F.silu, squeeze-excitation, F.pad,
+    convs written out): the same output, gradients and running statistics bit for bit in the plain layout on the
+    CPU."""
     from efficientnet.model import MBConvBlock
 
     torch.manual_seed(0)
@@ -293,3 +294,5 @@ def test_mbconv_block_training_step_is_the_plain_modules_bit_for_bit():
     assert torch.equal(out, ref)
     for (name, p), q in zip(block.named_parameters(), plain.parameters()):
         assert torch.equal(p.grad, q.grad), name
+    for (name, b), c in zip(block.named_buffers(), plain.buffers()):  # running statistics, batches tracked
+        assert torch.equal(b, c), name
