@@ -41,7 +41,7 @@ class BatchNormSwish(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, invstd)
-        return F.silu(z), mean, invstd
+        return F.silu(z, inplace=True), mean, invstd  # z is not kept
 
     @staticmethod
     def backward(ctx, grad: Tensor, *_unused: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -87,7 +87,7 @@ class BatchNormSwishConv(torch.autograd.Function):
                                                   eps)
         ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
         ctx.eps, ctx.pad, ctx.conv = eps, pad, conv
-        return _conv(F.silu(z), weight, pad, conv)
+        return _conv(F.silu(z, inplace=True), weight, pad, conv)  # z is not kept
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -118,7 +118,7 @@ class ConvOfBatchNormSwish(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         weight, s, x, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
-        y = F.silu(_batchnorm_again(x, bn_weight, bn_bias, mean, invstd))
+        y = F.silu(_batchnorm_again(x, bn_weight, bn_bias, mean, invstd), inplace=True)
         grad_inputs, grad_weight = _conv_backward(grad, y if s is None else y * s, weight, ctx.pad, ctx.conv,
                                                   ctx.needs_input_grad[2])
         if s is None:

@@ -13,7 +13,7 @@ import functools
 import math
 from collections import OrderedDict
 from functools import lru_cache
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,31 @@ def same_padding(size: Tuple[int, int], kernel: Tuple[int, int], stride: Tuple[i
     return left, right, top, bottom
 
 
+class DepthwiseInFloat32(torch.autograd.Function):
+    """``conv2d(x, weight)`` computed in float32 for a lower-precision ``x`` (Tensor[B, C, H, W], bfloat16 under
+    CPU autocast), the output in ``x``'s dtype: the convolution runs in float32 while the tensors kept for the
+    backward (``x``) and passed on stay in ``x``'s dtype, as autocast's own bfloat16 convolution keeps them.
+    ``conv`` = ``(stride, padding, dilation, groups)``, no bias."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, conv: Tuple[Any, Any, Any, int]) -> Tensor:
+        stride, padding, dilation, groups = conv
+        ctx.save_for_backward(x, weight)
+        ctx.conv = conv
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(x.float(), weight.float(), None, stride, padding, dilation, groups).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None]:
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad.float(), x.float(), weight.float(), None, stride, padding, dilation, False, [0, 0], groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        return (grad_x.to(x.dtype) if grad_x is not None else None,
+                grad_weight.to(weight.dtype) if grad_weight is not None else None, None)
+
+
 class Conv2dStaticSamePadding(nn.Module):
     """``nn.Conv2d`` with TensorFlow "SAME" padding.
 
@@ -70,10 +95,11 @@ class Conv2dStaticSamePadding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[B, C_in, H, W] -> Tensor[B, C_out, ceil(H / s), ceil(W / s)].
 
-        Training under CPU autocast (``--amp``: bfloat16, gradients enabled) a depthwise convolution runs in
-        float32: oneDNN's bfloat16 depthwise training kernels are 3-6x slower than its float32 ones (forward +
-        backward of a 5×5 stride-2 depthwise conv on 4×144×96×96, channels-last: 211 ms against 38 ms on an
-        AMX CPU); its 1×1 convolutions are faster in bfloat16 and stay there.
+        Training under CPU autocast (``--amp``: bfloat16, gradients enabled) a depthwise convolution computes in
+        float32 (:class:`DepthwiseInFloat32`: its input, output and saved tensor stay bfloat16): oneDNN's bfloat16
+        depthwise training kernels are 3-6x slower than its float32 ones (forward + backward of a 5×5 stride-2
+        depthwise conv on 4×144×96×96, channels-last: 211 ms against 38 ms on an AMX CPU); its 1×1
+        convolutions are faster in bfloat16 and stay there.
         """
         if self._needs_pad:
             pad = same_padding(tuple(x.shape[-2:]), self.kernel_size, self.stride, self.dilation)
@@ -81,8 +107,12 @@ class Conv2dStaticSamePadding(nn.Module):
                 x = F.pad(x, pad)
         if (self.conv.groups > 1 and x.device.type == "cpu" and torch.is_grad_enabled()
                 and torch.is_autocast_enabled("cpu")):
+            conv = self.conv
+            if conv.bias is None and isinstance(conv.padding, tuple) and x.dtype != torch.float32:
+                return DepthwiseInFloat32.apply(x, conv.weight, (conv.stride, conv.padding, conv.dilation,
+                                                                 conv.groups))
             with torch.autocast("cpu", enabled=False):
-                return self.conv(x.float())
+                return conv(x.float())
         return self.conv(x)
 
     @torch.no_grad()
