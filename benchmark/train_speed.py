@@ -7,7 +7,8 @@ Each variant runs in a fresh subprocess (peak memory is that process's max RSS o
 variants taking turns, ``--rounds`` times; a watchdog kills a child above ``--cap_gib`` of RSS and reports it as
 "does not fit". A step is what the trainer runs: forward, loss, backward, optimizer (AdamW), the non-finite guard
 (``base``: the starting loop's guard, which copied every weight and optimizer tensor per step; ``nchw``: fp32 with
-``channels_last=False``, whose losses equal ``base``'s bit for bit), on one synthetic
+``channels_last=False``: the losses of the first two steps equal ``base``'s bit for bit, later ones to float32
+round-off of the recomputed BatchNorm output), on one synthetic
 batch, glibc keeping freed memory as ``train.py`` does. Prints medians and ratios against ``base``.
 """
 from __future__ import annotations

@@ -7,12 +7,13 @@ project conv). :class:`BatchNormSwish` keeps only ``x`` (and BN's per-channel ba
 ``bn(x)`` in the backward, one multiply-add per element; :class:`ConvOfBatchNormSwish` convolves
 ``swish(bn(x)) [* s]`` keeping ``s`` and what :class:`BatchNormSwish` keeps already, and recomputes its input in
 the backward. An MBConv block with expansion keeps 2 full-size tensors at its expanded width (the expand and the
-depthwise BN inputs) instead of 6. On the CPU the recomputed ``bn(x)`` has the bits of the forward's (the same
-``x * (invstd * w) + (b - mean * invstd * w)``), so the gradients equal the plain modules' bit for bit there.
+depthwise BN inputs) instead of 6. The recomputed ``bn(x)`` (``x * (invstd * w) + (b - mean * invstd * w)``)
+equals the forward's up to the rounding of that formula: bit for bit on the CPU at BatchNorm's initial weights
+(w = 1, b = 0), within float32 round-off (relative ~1e-7 in the gradients) once they have moved.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +158,7 @@ def _conv_args(wrapper: nn.Module, x: Tensor) -> Optional[Tuple[Tuple[int, int, 
     conv = wrapper.conv
     if conv.bias is not None or not isinstance(conv.padding, tuple):
         return None
-    from efficientnet.utils import same_padding  # efficientnet.utils imports nothing of this module
+    from efficientnet.utils import same_padding  # efficientnet.utils imports this module
     pad = (same_padding(tuple(x.shape[-2:]), wrapper.kernel_size, wrapper.stride, wrapper.dilation)
            if wrapper._needs_pad else (0, 0, 0, 0))
     return pad, (conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -195,3 +196,28 @@ def conv_of_batchnorm_swish(wrapper: nn.Module, y: Tensor, saved: Saved, s: Opti
     if args is None:
         return wrapper(y if s is None else y * s)
     return ConvOfBatchNormSwish.apply(y, s, wrapper.conv.weight, *args, *saved)
+
+
+class DepthwiseInFloat32(torch.autograd.Function):
+    """``conv2d(x, weight)`` computed in float32 for a lower-precision ``x`` (Tensor[B, C, H, W], bfloat16 under
+    CPU autocast), the output in ``x``'s dtype: the convolution runs in float32 while the tensors kept for the
+    backward (``x``) and passed on stay in ``x``'s dtype, as autocast's own bfloat16 convolution keeps them.
+    ``conv`` = ``(stride, padding, dilation, groups)``, no bias."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, conv: Tuple[Any, Any, Any, int]) -> Tensor:
+        stride, padding, dilation, groups = conv
+        ctx.save_for_backward(x, weight)
+        ctx.conv = conv
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(x.float(), weight.float(), None, stride, padding, dilation, groups).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None]:
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad.float(), x.float(), weight.float(), None, stride, padding, dilation, False, [0, 0], groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        return (grad_x.to(x.dtype) if grad_x is not None else None,
+                grad_weight.to(weight.dtype) if grad_weight is not None else None, None)

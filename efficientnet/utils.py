@@ -13,11 +13,13 @@ import functools
 import math
 from collections import OrderedDict
 from functools import lru_cache
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .lean import DepthwiseInFloat32
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -46,31 +48,6 @@ def same_padding(size: Tuple[int, int], kernel: Tuple[int, int], stride: Tuple[i
     return left, right, top, bottom
 
 
-class DepthwiseInFloat32(torch.autograd.Function):
-    """``conv2d(x, weight)`` computed in float32 for a lower-precision ``x`` (Tensor[B, C, H, W], bfloat16 under
-    CPU autocast), the output in ``x``'s dtype: the convolution runs in float32 while the tensors kept for the
-    backward (``x``) and passed on stay in ``x``'s dtype, as autocast's own bfloat16 convolution keeps them.
-    ``conv`` = ``(stride, padding, dilation, groups)``, no bias."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, conv: Tuple[Any, Any, Any, int]) -> Tensor:
-        stride, padding, dilation, groups = conv
-        ctx.save_for_backward(x, weight)
-        ctx.conv = conv
-        with torch.autocast(x.device.type, enabled=False):
-            return F.conv2d(x.float(), weight.float(), None, stride, padding, dilation, groups).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None]:
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad.float(), x.float(), weight.float(), None, stride, padding, dilation, False, [0, 0], groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
-        return (grad_x.to(x.dtype) if grad_x is not None else None,
-                grad_weight.to(weight.dtype) if grad_weight is not None else None, None)
-
-
 class Conv2dStaticSamePadding(nn.Module):
     """``nn.Conv2d`` with TensorFlow "SAME" padding.
 
@@ -95,11 +72,10 @@ class Conv2dStaticSamePadding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[B, C_in, H, W] -> Tensor[B, C_out, ceil(H / s), ceil(W / s)].
 
-        Training under CPU autocast (``--amp``: bfloat16, gradients enabled) a depthwise convolution computes in
-        float32 (:class:`DepthwiseInFloat32`: its input, output and saved tensor stay bfloat16): oneDNN's bfloat16
-        depthwise training kernels are 3-6x slower than its float32 ones (forward + backward of a 5×5 stride-2
-        depthwise conv on 4×144×96×96, channels-last: 211 ms against 38 ms on an AMX CPU); its 1×1
-        convolutions are faster in bfloat16 and stay there.
+        Training under CPU autocast (``--amp``: bf16, gradients on) a depthwise conv computes in float32
+        (:class:`DepthwiseInFloat32`, input, output and saved tensor in bf16): oneDNN's bf16 depthwise training
+        kernels are 3-6x slower than its float32 ones (a 5×5 stride-2 one on 4×144×96×96, channels-last, forward
+        + backward: 211 ms against 38 ms on an AMX CPU); its 1×1 convolutions are faster in bf16 and stay so.
         """
         if self._needs_pad:
             pad = same_padding(tuple(x.shape[-2:]), self.kernel_size, self.stride, self.dilation)
