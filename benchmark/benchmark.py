@@ -111,11 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return run_script(run, args, log_level=logging.WARNING, keep_memory=False)  # --keep_memory decides
-    finally:
-        torch.set_num_threads(threads)  # in-process callers (tests) keep their thread count
+    return run_script(run, args, log_level=logging.WARNING, keep_memory=False)  # --keep_memory decides
 
 
 if __name__ == "__main__":

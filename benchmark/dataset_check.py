@@ -136,11 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return run_script(run, args)
-    finally:
-        torch.set_num_threads(threads)  # in-process callers (tests) keep their thread count
+    return run_script(run, args)
 
 
 if __name__ == "__main__":

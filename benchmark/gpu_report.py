@@ -108,11 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return run_script(run, args, keep_memory=False)
-    finally:
-        torch.set_num_threads(threads)
+    return run_script(run, args, keep_memory=False)
 
 
 if __name__ == "__main__":

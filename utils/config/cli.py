@@ -85,15 +85,23 @@ def run_script(run: Callable[[argparse.Namespace], int], args: argparse.Namespac
     With ``keep_memory`` (and unless ``EFFDET_KEEP_MEMORY=0``) glibc is told to keep freed memory
     (:func:`keep_freed_memory`): on the CPU every forward and backward otherwise page-faults its large
     activations in again, which made steps up to 10x slower here (see benchmark/README.md).
+
+    torch's intra-op thread count is put back afterwards, so that an in-process caller (a test, a notebook)
+    keeps its own whatever ``run`` sets (the benchmarks' ``--threads``).
     """
+    import torch
+
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     if keep_memory and os.environ.get(KEEP_MEMORY_ENV, "1") != "0":
         keep_freed_memory()
+    threads = torch.get_num_threads()
     try:
         return run(args)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def keep_freed_memory() -> bool:
