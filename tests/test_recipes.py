@@ -133,7 +133,7 @@ def test_unknown_name_and_missing_file(tmp_path, capsys):
 
 def _resolve(argv: List[str], saved=None):
     lines: List[str] = []
-    settings, given = resolve_settings(train.parse_args(["-p", "x"] + argv), saved, lines.append)
+    settings, given, _ = resolve_settings(train.parse_args(["-p", "x"] + argv), saved, lines.append)
     return settings, given, lines
 
 
@@ -227,6 +227,12 @@ def test_resume_keeps_the_recipe_and_settings_yml_shows_what_ran(tmp_path, capsy
     assert _settings_yml(tmp_path, "r") == first
     # settings.yml is itself a recipe: it starts a run with the same settings.
     assert load_recipe(str(ckpt_dir(tmp_path, "r") / SETTINGS_FILE), DEFAULTS) == first
+    # A new start in the folder that fails before its first save (a damaged image) leaves settings.yml
+    # describing the checkpoints there, not the settings of the start that failed.
+    (tmp_path / "datasets" / "tiny" / "train" / "0.jpg").write_bytes(b"not an image")
+    assert _train(tmp_path, yaml_path, "r", "--recipe", "official", "--batch_size", "2", *SHORT) == 1
+    assert "0.jpg" in capsys.readouterr().err
+    assert _settings_yml(tmp_path, "r") == first
 
 
 def test_lr_batch_applies_on_resume_with_another_batch_size(tmp_path):

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from utils.training.recipes import SETTINGS_FILE
 from utils.weights.loading import _pid_alive
 
 logger = logging.getLogger(__name__)
@@ -91,8 +90,6 @@ class RunFolderLock:
             self.held = False
         if self.created:  # made for a run that saved nothing (it stopped before its first save): remove it
             try:
-                if [p.name for p in self.folder.iterdir()] == [SETTINGS_FILE]:  # written at start, nothing since
-                    (self.folder / SETTINGS_FILE).unlink()
                 if not any(self.folder.iterdir()):
                     self.folder.rmdir()
             except OSError:

@@ -5,14 +5,16 @@ command that resumes a run.
 (``-w last``) can tell an explicit flag (it wins, one line each) from one left out (the saved run's value).
 Callers that build an ``argparse.Namespace`` themselves may leave these keys out or None. ``--recipe``
 (:mod:`utils.training.recipes`) fills the settings it names under the explicit flags; the resolved settings
-are logged with their sources and written beside the checkpoints as ``settings.yml``.
+are logged with their sources at start and written beside the checkpoints as ``settings.yml`` with every
+checkpoint the run saves (:func:`write_run_settings`): a start that fails before its first save leaves the
+folder's ``settings.yml`` describing the checkpoints already there.
 """
 from __future__ import annotations
 
 import argparse
 import shlex
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Mapping, NamedTuple, Optional
 
 from utils.training.recipes import load_recipe, write_settings
 
@@ -45,19 +47,23 @@ def flag(key: str) -> str:
     return _FLAGS.get(key, f"--{key}")
 
 
+class Resolved(NamedTuple):
+    """What :func:`resolve_settings` returns."""
+
+    settings: argparse.Namespace  #: every setting of :data:`DEFAULTS` filled
+    given: FrozenSet[str]  #: the keys given explicitly (flags, and the settings of a recipe given in ``args``)
+    sources: Dict[str, str]  #: per key: "flag", "recipe", "resumed" or "default"
+
+
 def resolve_settings(args: argparse.Namespace, saved: Optional[Mapping[str, Any]],
-                     log: Callable[[str], None], write_to: Optional[Path] = None
-                     ) -> Tuple[argparse.Namespace, FrozenSet[str]]:
+                     log: Callable[[str], None]) -> Resolved:
     """Fill every setting of :data:`DEFAULTS` that ``args`` leaves None: from ``--recipe`` (given in ``args``)
     when it sets it, else from ``saved`` (the resumed run's settings, which hold the values of its recipe),
-    else the default. Returns the filled namespace and the keys given explicitly (flags, and the settings of a
-    recipe given in ``args``).
+    else the default. Returns the filled namespace, the keys given explicitly and each key's source.
 
     On resume, each explicit value that differs from the saved one is logged in one line, and the saved values
     kept that differ from the defaults in one more line. Then one line lists every value that is not the
-    default with its source (flag, recipe, resumed), another the learning rate ``lr_batch`` scales to, and
-    with ``write_to`` (the run's checkpoint folder) the resolved settings are written there as ``settings.yml``
-    (:func:`utils.training.recipes.write_settings`)."""
+    default with its source (flag, recipe, resumed), and another the learning rate ``lr_batch`` scales to."""
     settings = argparse.Namespace(**vars(args))
     recipe_spec = getattr(args, "recipe", None)
     recipe = load_recipe(recipe_spec, DEFAULTS) if recipe_spec else {}
@@ -82,8 +88,8 @@ def resolve_settings(args: argparse.Namespace, saved: Optional[Mapping[str, Any]
     if kept:
         log("settings of the resumed run: " + " ".join(kept))
     _check_lr_batch(settings)
-    _report(settings, sources, log, write_to)
-    return settings, given
+    _report(settings, sources, log)
+    return Resolved(settings, given, sources)
 
 
 def scaled_lr(args: argparse.Namespace) -> float:
@@ -100,9 +106,8 @@ def _check_lr_batch(settings: argparse.Namespace) -> None:
         raise ValueError(f"--head_only_epochs must be 0 (off) or more, got {settings.head_only_epochs}")
 
 
-def _report(settings: argparse.Namespace, sources: Mapping[str, str], log: Callable[[str], None],
-            write_to: Optional[Path]) -> None:
-    """Log the values that are not the defaults with their sources and the scaled lr; write settings.yml."""
+def _report(settings: argparse.Namespace, sources: Mapping[str, str], log: Callable[[str], None]) -> None:
+    """Log the values that are not the defaults with their sources, and the scaled lr."""
     title = f"settings (recipe {settings.recipe})" if settings.recipe else "settings"
     changed = [f"{key} {getattr(settings, key)} ({sources[key]})" for key, default in DEFAULTS.items()
                if key != "recipe" and getattr(settings, key) != default]
@@ -110,15 +115,21 @@ def _report(settings: argparse.Namespace, sources: Mapping[str, str], log: Calla
     if settings.lr_batch:
         log(f"lr {settings.lr:.4g} is for batch {settings.lr_batch}: {scaled_lr(settings):.4g} at batch "
             f"{settings.batch_size} (linear scaling, --lr_batch)")
-    if write_to is not None:
-        by_source = {src: [k for k, s in sources.items() if s == src and k != "recipe"]
-                     for src in ("flag", "recipe", "resumed")}
-        header = (f"The resolved settings of the efficientdet-d{getattr(settings, 'compound_coef', 0)} run on "
-                  f"{getattr(settings, 'project', '?')}, written when it started; recipe: {settings.recipe}.\n"
-                  + "".join(f"From the {src if src != 'flag' else 'command line'}: {' '.join(keys)}\n"
-                            for src, keys in by_source.items() if keys)
-                  + "Start a run with the same settings: --recipe THIS_FILE.")
-        write_settings(write_to, vars(settings), DEFAULTS, header)
+
+
+def write_run_settings(folder: Path, settings: argparse.Namespace, sources: Mapping[str, str]) -> Path:
+    """Write the resolved ``settings`` (with the ``sources`` of :func:`resolve_settings`) as ``folder/
+    settings.yml``, atomically (:func:`utils.training.recipes.write_settings`); the header says where each
+    value came from. The trainer calls it with every checkpoint it saves."""
+    by_source = {src: [k for k, s in sources.items() if s == src and k != "recipe"]
+                 for src in ("flag", "recipe", "resumed")}
+    header = (f"The resolved settings of the efficientdet-d{getattr(settings, 'compound_coef', 0)} run on "
+              f"{getattr(settings, 'project', '?')} whose checkpoints are beside this file; recipe: "
+              f"{settings.recipe}.\n"
+              + "".join(f"From the {src if src != 'flag' else 'command line'}: {' '.join(keys)}\n"
+                        for src, keys in by_source.items() if keys)
+              + "Start a run with the same settings: --recipe THIS_FILE.")
+    return write_settings(folder, vars(settings), DEFAULTS, header)
 
 
 def resume_command(args: argparse.Namespace) -> str:

@@ -34,7 +34,7 @@ from utils.training.parts import (FiniteGuard, Interrupted, ModelEMA, ModelWithL
 from utils.training.distributed import (agreed_batches, copy_from_rank0, on_all_ranks, same_on_all_ranks,
                                         sharded_val_map)
 from utils.training.reporting import DEBUG_DIR, RunLog, save_debug_image
-from utils.training.settings import resolve_settings, resume_command
+from utils.training.settings import resolve_settings, resume_command, write_run_settings
 from utils.training.setup import per_process_batch, save_debug_grid, training_device, training_loaders, warn_anchor_fit
 from utils.training.step import amp_dtype, optimizer_step
 from utils.training.state import (build_optimizer, build_scheduler, initial_run_state, resolve_weights,
@@ -59,7 +59,7 @@ class Trainer:
             remove_stale_temp_files(self.run_dir)
         resume = resolve_weights(args, self.run_dir)
         saved = (resume.state.get("config") or {}) if resume is not None and resume.state is not None else None
-        self.args, self.given = resolve_settings(args, saved, self.log, self.run_dir if self.is_main else None)
+        self.args, self.given, self.sources = resolve_settings(args, saved, self.log)
         args = self.args
         self.device = training_device(args, self.project, self.world, self.local_rank)
         self.config = get_model_config(args.compound_coef)
@@ -153,6 +153,7 @@ class Trainer:
                                extra)
         self.saved_as = save_checkpoint(self.run_dir, checkpoint_name(self.args.compound_coef, epoch, run.step),
                                         weights, state, self.args.compound_coef)
+        write_run_settings(self.run_dir, self.args, self.sources)  # they describe the checkpoints beside them
         self.unsaved = False
         return self.saved_as
 
