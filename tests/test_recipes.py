@@ -74,8 +74,8 @@ def test_every_shipped_recipe_loads_with_valid_keys_and_types():
                 type(value) is t for t in allowed if t is not None), (name, key, value)
         assert load_recipe(name, DEFAULTS) == raw
     assert _raw("official") == OFFICIAL
-    assert _raw("scratch") == {"batch_size": 8, "lr": 4e-3, "lr_schedule": "cosine", "loss": "official",
-                               "bn_momentum": 0.1}
+    assert _raw("scratch") == {"batch_size": 8, "lr": 8e-3, "lr_schedule": "cosine", "loss": "official",
+                               "bn_momentum": 0.1, "clip_grad": 0.3}
     finetune = _raw("finetune")
     assert finetune["head_only_epochs"] == 1.0 and finetune["lr_schedule"] == "cosine" and finetune["ema"] is True
 
@@ -163,7 +163,7 @@ def test_resume_keeps_the_saved_values_and_an_explicit_recipe_replaces_them():
     assert {"lr", "batch_size", "lr_schedule", "loss"} <= given
     replaced = [ln for ln in lines if "replaces" in ln]
     assert "--batch_size 12 (recipe published) replaces the resumed run's 4" in replaced
-    assert "--lr 0.005 replaces the resumed run's 0.004" in replaced
+    assert "--lr 0.005 replaces the resumed run's 0.008" in replaced
     assert "--recipe published replaces the resumed run's scratch" in replaced
 
 
@@ -204,10 +204,10 @@ def test_resume_keeps_the_recipe_and_settings_yml_shows_what_ran(tmp_path, capsy
     assert _train(tmp_path, yaml_path, "r", "--recipe", "scratch", "--batch_size", "2", "--max_steps", "1",
                   *SHORT) == 0
     out = capsys.readouterr().out
-    assert "settings (recipe scratch): " in out and "batch_size 2 (flag)" in out and "lr 0.004 (recipe)" in out
+    assert "settings (recipe scratch): " in out and "batch_size 2 (flag)" in out and "lr 0.008 (recipe)" in out
     first = _settings_yml(tmp_path, "r")
     assert (first["batch_size"], first["lr"], first["loss"], first["lr_schedule"], first["bn_momentum"]) == (
-        2, 4e-3, "official", "cosine", 0.1)
+        2, 8e-3, "official", "cosine", 0.1)
     assert set(first) == set(DEFAULTS) - {"recipe"}
     header = [ln for ln in (ckpt_dir(tmp_path, "r") / SETTINGS_FILE).read_text().splitlines() if ln.startswith("#")]
     assert header[0].startswith("# ") and "recipe: scratch" in header[0]
@@ -215,10 +215,10 @@ def test_resume_keeps_the_recipe_and_settings_yml_shows_what_ran(tmp_path, capsy
     assert sorted(from_flags) == sorted(["input_size", "num_workers", "data_path", "log_path", "device", "batch_size",
                                          "max_steps", "save_interval", "val_interval"])
     from_recipe = next(ln for ln in header if ln.startswith("# From the recipe: ")).split(": ")[1].split()
-    assert sorted(from_recipe) == ["bn_momentum", "loss", "lr", "lr_schedule"]  # batch_size came from a flag
+    assert sorted(from_recipe) == ["bn_momentum", "clip_grad", "loss", "lr", "lr_schedule"]  # batch_size came from a flag
     assert not list(ckpt_dir(tmp_path, "r").glob(".*tmp*"))
     saved = latest_state(tmp_path, "r")["config"]
-    assert saved["recipe"] == "scratch" and saved["lr"] == 4e-3 and saved["batch_size"] == 2
+    assert saved["recipe"] == "scratch" and saved["lr"] == 8e-3 and saved["batch_size"] == 2
 
     # -w last alone: the first run's settings, nothing replaced (max_steps 1 reached: nothing to train).
     assert _train(tmp_path, yaml_path, "r", "-w", "last") == 0
