@@ -13,7 +13,7 @@ equals the forward's up to the rounding of that formula: bit for bit on the CPU 
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -198,11 +198,22 @@ def conv_of_batchnorm_swish(wrapper: nn.Module, y: Tensor, saved: Saved, s: Opti
     return ConvOfBatchNormSwish.apply(y, s, wrapper.conv.weight, *args, *saved)
 
 
-class DepthwiseInFloat32(torch.autograd.Function):
-    """``conv2d(x, weight)`` computed in float32 for a lower-precision ``x`` (Tensor[B, C, H, W], bfloat16 under
-    CPU autocast), the output in ``x``'s dtype: the convolution runs in float32 while the tensors kept for the
-    backward (``x``) and passed on stay in ``x``'s dtype, as autocast's own bfloat16 convolution keeps them.
-    ``conv`` = ``(stride, padding, dilation, groups)``, no bias."""
+def low_precision_backward(kernel_size: Tuple[int, int], stride: Tuple[int, int]) -> Tuple[bool, bool]:
+    """Which gradients of a depthwise conv :class:`DepthwiseForAmp` computes in the low precision (bf16) on the
+    CPU: ``(input gradient, weight gradient)``. oneDNN's bf16 depthwise forward is 1.0-10x faster than its
+    float32 one with the conversions it needs, but its backward is 2-3x slower for the input gradient of a
+    strided conv and for the weight gradient of a 5x5 one (channels-last, AMX CPU, batch 8: the weight gradient
+    of a 5x5 stride-2 conv on 144x128x128, 472 ms in bf16 against 159 ms in float32 with the conversions; the
+    input gradient of a 3x3 stride-1 one, 15 ms against 148 ms). Those two run in float32."""
+    return tuple(stride) == (1, 1), max(kernel_size) <= 3
+
+
+class DepthwiseForAmp(torch.autograd.Function):
+    """``conv2d(x, weight)`` of a depthwise conv for a lower-precision ``x`` (Tensor[B, C, H, W], bfloat16 under
+    CPU autocast): the forward in ``x``'s dtype (``weight`` cast to it, as autocast casts it), each gradient in
+    ``x``'s dtype or in float32 as :func:`low_precision_backward` says (oneDNN's fastest kernel for it); the
+    tensors kept for the backward (``x``) and passed on stay in ``x``'s dtype. ``conv`` = ``(stride, padding,
+    dilation, groups)``, no bias."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, conv: Tuple[Any, Any, Any, int]) -> Tensor:
@@ -210,14 +221,22 @@ class DepthwiseInFloat32(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.conv = conv
         with torch.autocast(x.device.type, enabled=False):
-            return F.conv2d(x.float(), weight.float(), None, stride, padding, dilation, groups).to(x.dtype)
+            return F.conv2d(x, weight.to(x.dtype), None, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None]:
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad.float(), x.float(), weight.float(), None, stride, padding, dilation, False, [0, 0], groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
-        return (grad_x.to(x.dtype) if grad_x is not None else None,
-                grad_weight.to(weight.dtype) if grad_weight is not None else None, None)
+        low = low_precision_backward(tuple(weight.shape[-2:]), stride)
+        grads: List[Optional[Tensor]] = [None, None]
+        for in_low in (True, False):  # one convolution_backward per precision that has work
+            mask = [need and is_low == in_low for need, is_low in zip(ctx.needs_input_grad[:2], low)]
+            if not any(mask):
+                continue
+            g, inputs, w = (grad, x, weight.to(x.dtype)) if in_low else (grad.float(), x.float(), weight.float())
+            out = torch.ops.aten.convolution_backward(g, inputs, w, None, stride, padding, dilation, False, [0, 0],
+                                                      groups, mask + [False])
+            for i in (0, 1):
+                if mask[i]:
+                    grads[i] = out[i].to((x if i == 0 else weight).dtype)
+        return grads[0], grads[1], None

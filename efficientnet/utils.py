@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lean import DepthwiseInFloat32
+from .lean import DepthwiseForAmp
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -72,10 +72,10 @@ class Conv2dStaticSamePadding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[B, C_in, H, W] -> Tensor[B, C_out, ceil(H / s), ceil(W / s)].
 
-        Training under CPU autocast (``--amp``: bf16, gradients on) a depthwise conv computes in float32
-        (:class:`DepthwiseInFloat32`, input, output and saved tensor in bf16): oneDNN's bf16 depthwise training
-        kernels are 3-6x slower than its float32 ones (a 5×5 stride-2 one on 4×144×96×96, channels-last, forward
-        + backward: 211 ms against 38 ms on an AMX CPU); its 1×1 convolutions are faster in bf16 and stay so.
+        Training under CPU autocast (``--amp``: bf16, gradients on) a depthwise conv goes through
+        :class:`DepthwiseForAmp`: forward in bf16, each gradient in bf16 or float32, whichever oneDNN's kernel
+        for it is faster in (its bf16 input gradient of a strided conv and weight gradient of a 5×5 one are 2-3x
+        slower than float32's); tensors stay bf16. Its 1×1 convolutions are faster in bf16 and stay so.
         """
         if self._needs_pad:
             pad = same_padding(tuple(x.shape[-2:]), self.kernel_size, self.stride, self.dilation)
@@ -85,8 +85,8 @@ class Conv2dStaticSamePadding(nn.Module):
                 and torch.is_autocast_enabled("cpu")):
             conv = self.conv
             if conv.bias is None and isinstance(conv.padding, tuple) and x.dtype != torch.float32:
-                return DepthwiseInFloat32.apply(x, conv.weight, (conv.stride, conv.padding, conv.dilation,
-                                                                 conv.groups))
+                return DepthwiseForAmp.apply(x, conv.weight, (conv.stride, conv.padding, conv.dilation,
+                                                              conv.groups))
             with torch.autocast("cpu", enabled=False):
                 return conv(x.float())
         return self.conv(x)

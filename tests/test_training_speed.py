@@ -269,6 +269,50 @@ def test_lean_conv_of_batchnorm_swish_equals_the_plain_modules_keeping_less(kern
     assert kept_lean < 0.5 * kept_plain
 
 
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
+def test_depthwise_conv_under_cpu_autocast_is_the_float64_conv_to_bf16_precision(kernel, stride, monkeypatch):
+    """A depthwise Conv2dStaticSamePadding training under CPU bf16 autocast (DepthwiseForAmp): output, input
+    gradient and weight gradient equal float64 autograd of the same conv ("SAME" padding written out) to bf16
+    precision; the output, the input gradient and the kept input are bf16, the weight gradient float32; the
+    input gradient of a strided conv and the weight gradient of a 5x5 one are computed in float32, the others in
+    bf16 (one backward call per precision)."""
+    from efficientnet.utils import Conv2dStaticSamePadding
+
+    torch.manual_seed(0)
+    conv = Conv2dStaticSamePadding(16, 16, kernel, stride=stride, groups=16, bias=False)
+    x = torch.randn(2, 16, 12, 12).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 16, 12 // stride, 12 // stride).bfloat16()
+    calls = []
+    backward = torch.ops.aten.convolution_backward
+
+    def spy(*args):
+        calls.append((args[0].dtype, tuple(args[-1][:2])))
+        return backward(*args)
+
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out = conv(x)
+    out.backward(grad)
+    monkeypatch.undo()  # torch looks the op up by attribute elsewhere (torch.testing)
+    assert out.dtype == x.grad.dtype == torch.bfloat16 and conv.conv.weight.grad.dtype == torch.float32
+    assert {t.dtype for t in kept if t.dim() == 4 and t.shape[0] == 2} == {torch.bfloat16}
+    low_input, low_weight = stride == 1, kernel == 3
+    expected = {(torch.bfloat16, (low_input, low_weight)), (torch.float32, (not low_input, not low_weight))}
+    assert set(calls) == {c for c in expected if any(c[1])} and len(calls) == len(set(calls))
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = conv.conv.weight.detach().double().requires_grad_()
+    total = (kernel - 1) if stride == 1 else max((12 // stride - 1) * stride + kernel - 12, 0)
+    before = total // 2
+    ref = F.conv2d(F.pad(x64, (before, total - before, before, total - before)), w64, None, stride, 0, 1, 16)
+    ref.backward(grad.double())
+    for a, b in ((out, ref), (x.grad, x64.grad), (conv.conv.weight.grad, w64.grad)):
+        scale = float(b.detach().abs().max())
+        torch.testing.assert_close(a.double(), b.detach(), rtol=0, atol=2e-2 * scale)
+
+
 def test_mbconv_block_training_step_is_the_plain_modules_bit_for_bit():
     """An expanded, strided MBConv block (the lean forms inside: BatchNormSwishConv, BatchNormSwish,
     ConvOfBatchNormSwish) against the same block's modules called plainly (BN, F.silu, squeeze-excitation, F.pad,
