@@ -10,6 +10,10 @@ the backward. An MBConv block with expansion keeps 2 full-size tensors at its ex
 depthwise BN inputs) instead of 6. The recomputed ``bn(x)`` (``x * (invstd * w) + (b - mean * invstd * w)``)
 equals the forward's up to the rounding of that formula: bit for bit on the CPU at BatchNorm's initial weights
 (w = 1, b = 0), within float32 round-off (relative ~1e-7 in the gradients) once they have moved.
+
+Under CPU bfloat16 autocast ``swish(bn(x))`` runs through :class:`BatchNormSwishKeepOutput` instead: it keeps BN's
+output (swish's input, which the plain modules keep too) and computes BN's backward from it, so BN's input is not
+kept, with no extra pass over the tensor (the convolutions after it keep their inputs, as plainly).
 """
 from __future__ import annotations
 
@@ -51,6 +55,39 @@ class BatchNormSwish(torch.autograd.Function):
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_z, x, weight, None, None, mean, invstd, True, ctx.eps, [True, True, True])
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class BatchNormSwishKeepOutput(torch.autograd.Function):
+    """``silu(batch_norm(x))`` in training mode (batch statistics, running statistics updated in place) for a
+    lower-precision ``x`` (bfloat16 under CPU autocast, float32 weights), keeping only BN's output
+    ``z = x_hat * w + b``, which swish's backward reads anyway, instead of ``x`` as well. BN's backward needs
+    ``x_hat = (z - b) / w``: ``native_batch_norm_backward`` computes it from ``z`` given ``b`` as the mean, ``1 / w``
+    as the inverse std and ``w**2 * invstd`` as the weight, which gives the same three gradients as from ``x``
+    (``grad_x = w * invstd * (g - mean(g) - x_hat * mean(g * x_hat))``, ``grad_w = sum(g * x_hat)``,
+    ``grad_b = sum(g)``) without an extra pass. ``x_hat`` read back from a rounded ``z`` loses about
+    ``|b / w|`` times ``z``'s rounding: :func:`batchnorm_swish_saved` takes this form only where every channel has
+    ``|b| <= KEEP_OUTPUT_RATIO * |w|`` (``w != 0``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                momentum: float, eps: float) -> Tensor:
+        z, _mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(z, weight, bias, invstd)
+        ctx.eps = eps
+        return F.silu(z)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        z, weight, bias, invstd = ctx.saved_tensors
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            torch.ops.aten.silu_backward(grad, z), z, weight * weight * invstd, None, None, bias, weight.reciprocal(),
+            True, ctx.eps, [True, True, True])
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+#: The largest ``|b / w|`` of a BatchNorm channel for which :class:`BatchNormSwishKeepOutput` is taken (there the
+#: recovered ``x_hat`` is within ``16 * 2**-9`` of BN's unit scale in bfloat16).
+KEEP_OUTPUT_RATIO = 16.0
 
 
 def _conv(inputs: Tensor, weight: Tensor, pad: Tuple[int, int, int, int], conv: ConvArgs) -> Tensor:
@@ -136,14 +173,26 @@ def batchnorm_swish(bn: nn.Module, x: Tensor) -> Tensor:
     return batchnorm_swish_saved(bn, x)[0]
 
 
-def _lean_momentum(bn: nn.Module, x: Tensor) -> Optional[float]:
-    """None where the lean forms do not apply (evaluation, folded BN = ``nn.Identity``, SyncBatchNorm, no affine
-    weights or running statistics, no gradients, not float32, autocast); else the momentum of this step, with
-    ``num_batches_tracked`` counted as ``nn.BatchNorm2d`` counts it."""
+def _form(bn: nn.Module, x: Tensor) -> Optional[str]:
+    """Which training form of ``silu(bn(x))`` applies: ``"lean"`` (:class:`BatchNormSwish` and the convolutions
+    after it: float32, no autocast), ``"keep_output"`` (:class:`BatchNormSwishKeepOutput`: a bfloat16 ``x`` on the
+    CPU, float32 weights, every ``|b| <= KEEP_OUTPUT_RATIO * |w|``, ``w != 0``) or None, the plain modules
+    (evaluation, folded BN = ``nn.Identity``, SyncBatchNorm, no affine weights or running statistics, no
+    gradients, other dtypes and devices)."""
     if not (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
-            and torch.is_grad_enabled() and x.dtype == bn.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled(x.device.type)):
+            and torch.is_grad_enabled() and bn.weight.dtype == torch.float32):
         return None
+    if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+        return "lean"
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        weight = bn.weight.detach().abs()
+        if bool(((weight > 0) & (bn.bias.detach().abs() <= KEEP_OUTPUT_RATIO * weight)).all()):
+            return "keep_output"
+    return None
+
+
+def _momentum(bn: nn.Module) -> Optional[float]:
+    """The momentum of this training step, with ``num_batches_tracked`` counted as ``nn.BatchNorm2d`` counts it."""
     momentum = bn.momentum
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -167,24 +216,27 @@ def _conv_args(wrapper: nn.Module, x: Tensor) -> Optional[Tuple[Tuple[int, int, 
 def batchnorm_swish_saved(bn: nn.Module, x: Tensor) -> Tuple[Tensor, Saved]:
     """``silu(bn(x))`` and what :func:`conv_of_batchnorm_swish` needs; through :class:`BatchNormSwish` where it
     applies (a float32 ``nn.BatchNorm2d`` with affine weights and running statistics, training with gradients, no
-    autocast), else the plain modules (evaluation, folded BN = ``nn.Identity``, SyncBatchNorm, mixed precision;
-    the second value is then None). Same values and running statistics either way."""
-    momentum = _lean_momentum(bn, x)
-    if momentum is None:
+    autocast), through :class:`BatchNormSwishKeepOutput` under CPU bfloat16 autocast (see :func:`_form`), else the
+    plain modules (evaluation, folded BN = ``nn.Identity``, SyncBatchNorm; the second value is None unless
+    :class:`BatchNormSwish` ran). Same values and running statistics either way."""
+    form = _form(bn, x)
+    if form is None:
         return F.silu(bn(x)), None
-    y, mean, invstd = BatchNormSwish.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
+    args = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _momentum(bn), bn.eps)
+    if form == "keep_output":
+        return BatchNormSwishKeepOutput.apply(*args), None
+    y, mean, invstd = BatchNormSwish.apply(*args)
     return y, (x, bn.weight, bn.bias, mean, invstd)
 
 
 def batchnorm_swish_conv(bn: nn.Module, x: Tensor, wrapper: nn.Module) -> Tensor:
     """``wrapper(silu(bn(x)))`` (``wrapper``: an ``efficientnet.utils.Conv2dStaticSamePadding`` without bias)
-    through :class:`BatchNormSwishConv` where the lean forms apply (see :func:`batchnorm_swish_saved`), else the
-    plain modules. Same values, gradients and running statistics either way."""
+    through :class:`BatchNormSwishConv` where the lean forms apply (see :func:`batchnorm_swish_saved`), else
+    ``wrapper(batchnorm_swish(bn, x))``. Same values, gradients and running statistics either way."""
     args = _conv_args(wrapper, x)
-    momentum = _lean_momentum(bn, x) if args is not None else None
-    if momentum is None:
-        return wrapper(F.silu(bn(x)))
-    return BatchNormSwishConv.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
+    if args is None or _form(bn, x) != "lean":
+        return wrapper(batchnorm_swish(bn, x))
+    return BatchNormSwishConv.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _momentum(bn), bn.eps,
                                     wrapper.conv.weight, *args)
 
 

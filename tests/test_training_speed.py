@@ -341,3 +341,49 @@ def test_mbconv_block_training_step_is_the_plain_modules_bit_for_bit():
         assert torch.equal(p.grad, q.grad), name
     for (name, b), c in zip(block.named_buffers(), plain.buffers()):  # running statistics, batches tracked
         assert torch.equal(b, c), name
+
+
+@pytest.mark.parametrize("weights", ["trained", "zero", "large_ratio"])
+def test_batchnorm_swish_under_cpu_autocast_keeps_only_the_bn_output(weights):
+    """swish(bn(x)) for a bf16 x under CPU autocast (BatchNormSwishKeepOutput): output, input gradient and both
+    BatchNorm gradients equal float64 autograd of the formulas written out (batch statistics, biased variance,
+    x_hat * w + b, z * sigmoid(z)) to bf16 precision, running statistics as nn.BatchNorm2d updates them, and only
+    BN's output is kept; with a zero weight, or a channel with |b| > KEEP_OUTPUT_RATIO * |w|, the plain modules
+    run (BN's input kept as well), with the same values."""
+    from efficientnet.lean import KEEP_OUTPUT_RATIO, batchnorm_swish
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(8, momentum=0.1, eps=1e-3).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.3, 2.0).mul_(torch.tensor([1.0, -1.0] * 4)), bn.bias.uniform_(-3.0, 3.0)
+        if weights == "zero":
+            bn.weight[3] = 0.0
+        elif weights == "large_ratio":
+            bn.bias[5] = 1.5 * KEEP_OUTPUT_RATIO * bn.weight[5].abs()
+    reference = copy.deepcopy(bn)
+    x = (torch.randn(4, 8, 10, 10) * 2 + 0.5).bfloat16().contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    kept = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out = batchnorm_swish(bn, x)
+    grad = torch.randn(out.shape).bfloat16()
+    out.backward(grad)
+
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = (reference.weight.detach().double().requires_grad_(), reference.bias.detach().double().requires_grad_())
+    mean, var = x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3), unbiased=False)
+    z = (x64 - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-3) * w64[:, None, None] + b64[:, None, None]
+    ref = z * torch.sigmoid(z)
+    ref.backward(grad.double())
+    assert out.dtype == x.grad.dtype == torch.bfloat16
+    for a, b in ((out, ref), (x.grad, x64.grad), (bn.weight.grad, w64.grad), (bn.bias.grad, b64.grad)):
+        scale = float(b.detach().abs().max())
+        torch.testing.assert_close(a.double(), b.detach(), rtol=0, atol=2e-2 * scale)
+    n = x.numel() // 8
+    torch.testing.assert_close(bn.running_mean, 0.1 * mean.detach().float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * var.detach().float() * n / (n - 1), rtol=1e-3, atol=1e-3)
+    assert int(bn.num_batches_tracked) == 1
+    full_size = [t for t in kept if t.shape == x.shape]
+    assert len(full_size) == (1 if weights == "trained" else 2)
+    assert not any(t.data_ptr() == x.data_ptr() for t in full_size) == (weights == "trained")
