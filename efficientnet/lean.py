@@ -90,23 +90,55 @@ class BatchNormSwishKeepOutput(torch.autograd.Function):
 KEEP_OUTPUT_RATIO = 16.0
 
 
+def _silu_padded(z: Tensor, pad: Tuple[int, int, int, int]) -> Tensor:
+    """``F.pad(F.silu(z), pad)`` (``pad``: (left, right, top, bottom), >= 0). For a channels-last ``z`` in one pass:
+    swish written into the inside of the padded tensor, zeros on its border only (``F.pad`` zero-fills the whole
+    tensor, then copies); each row of the inside is one contiguous run of width x channels values, which swish's
+    vectorised kernel takes as it takes the dense tensor."""
+    if not any(pad) or not (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last)):
+        return F.pad(F.silu(z), pad) if any(pad) else F.silu(z)
+    left, right, top, bottom = pad
+    height, width = z.shape[-2:]
+    out = torch.empty(z.shape[:-2] + (height + top + bottom, width + left + right), dtype=z.dtype, device=z.device,
+                      memory_format=torch.channels_last)
+    for border in (out[..., :top, :], out[..., top + height:, :], out[..., top:top + height, :left],
+                   out[..., top:top + height, left + width:]):
+        border.zero_()
+    torch.ops.aten.silu.out(z, out=out[..., top:top + height, left:left + width])
+    return out
+
+
 def _conv(inputs: Tensor, weight: Tensor, pad: Tuple[int, int, int, int], conv: ConvArgs) -> Tensor:
     """``conv2d(F.pad(inputs, pad), weight)`` with ``conv`` = ``(stride, padding, dilation, groups)``, no bias."""
     if any(pad):
         inputs = F.pad(inputs, pad)
+    return _conv_padded(inputs, weight, conv)
+
+
+def _conv_padded(padded: Tensor, weight: Tensor, conv: ConvArgs) -> Tensor:
     stride, padding, dilation, groups = conv
-    return F.conv2d(inputs, weight, None, stride, padding, dilation, groups)
+    return F.conv2d(padded, weight, None, stride, padding, dilation, groups)
 
 
 def _conv_backward(grad: Tensor, inputs: Tensor, weight: Tensor, pad: Tuple[int, int, int, int], conv: ConvArgs,
                    weight_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """The gradients of :func:`_conv` for its unpadded ``inputs`` and (``weight_grad``) its ``weight``."""
-    if any(pad):
-        inputs = F.pad(inputs, pad)
+    return _conv_padded_backward(grad, F.pad(inputs, pad) if any(pad) else inputs, weight, pad, conv, weight_grad)
+
+
+def _conv_padded_backward(grad: Tensor, padded: Tensor, weight: Tensor, pad: Tuple[int, int, int, int],
+                          conv: ConvArgs, weight_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`_conv_backward` given the convolution's input already padded by ``pad``; a channels-last input
+    gradient is then a view of the padded one (its rows are runs of width x channels values, which element-wise
+    kernels read as they read a dense tensor's: the same values, no copy)."""
     stride, padding, dilation, groups = conv
     grad_inputs, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad, inputs, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, weight_grad, False])
-    if any(pad):  # a dense copy, as F.pad's own backward (a strided view takes other, scalar, kernels)
+        grad, padded, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, weight_grad, False])
+    if any(pad) and grad_inputs.is_contiguous(memory_format=torch.channels_last):
+        left, right, top, bottom = pad
+        height, width = grad_inputs.shape[-2:]
+        grad_inputs = grad_inputs[..., top:height - bottom, left:width - right]
+    elif any(pad):  # a dense copy, as F.pad's own backward (rows of one width only: tails in other kernels)
         grad_inputs = F.pad(grad_inputs, tuple(-p for p in pad))
     return grad_inputs, grad_weight
 
@@ -125,13 +157,14 @@ class BatchNormSwishConv(torch.autograd.Function):
                                                   eps)
         ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
         ctx.eps, ctx.pad, ctx.conv = eps, pad, conv
-        return _conv(F.silu(z, inplace=True), weight, pad, conv)  # z is not kept
+        return _conv_padded(_silu_padded(z, pad), weight, conv)  # z is not kept
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         x, bn_weight, bn_bias, mean, invstd, weight = ctx.saved_tensors
         z = _batchnorm_again(x, bn_weight, bn_bias, mean, invstd)
-        grad_y, grad_weight = _conv_backward(grad, F.silu(z), weight, ctx.pad, ctx.conv, ctx.needs_input_grad[7])
+        grad_y, grad_weight = _conv_padded_backward(grad, _silu_padded(z, ctx.pad), weight, ctx.pad, ctx.conv,
+                                                    ctx.needs_input_grad[7])
         grad_x, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
             torch.ops.aten.silu_backward(grad_y, z), x, bn_weight, None, None, mean, invstd, True, ctx.eps,
             [True, True, True])
