@@ -387,3 +387,34 @@ def test_batchnorm_swish_under_cpu_autocast_keeps_only_the_bn_output(weights):
     full_size = [t for t in kept if t.shape == x.shape]
     assert len(full_size) == (1 if weights == "trained" else 2)
     assert not any(t.data_ptr() == x.data_ptr() for t in full_size) == (weights == "trained")
+
+
+@pytest.mark.parametrize("kernel, pad", [(3, (0, 1, 0, 1)), (5, (1, 2, 1, 2))])
+def test_strided_lean_depthwise_conv_on_channels_last_equals_the_plain_modules(kernel, pad):
+    """swish(bn(x)) -> "SAME"-padded strided depthwise conv on channels-last input (BatchNormSwishConv: swish written
+    into the padded tensor, the input gradient a view of the padded one): the padded swish equals F.pad(F.silu(z))
+    (zero border; inside to the last bit: swish's vectorised and scalar kernels share the rows differently); output
+    and gradients equal nn.BatchNorm2d -> F.silu -> F.pad -> nn.Conv2d to float32 round-off."""
+    from efficientnet.lean import _silu_padded, batchnorm_swish_conv
+    from efficientnet.utils import Conv2dStaticSamePadding
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 24, 14, 14).contiguous(memory_format=torch.channels_last)
+    padded = _silu_padded(z, pad)
+    assert padded.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(padded, F.pad(F.silu(z), pad), rtol=2e-7, atol=0)
+    bn = torch.nn.BatchNorm2d(24, momentum=0.01, eps=1e-3).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_()
+    conv = Conv2dStaticSamePadding(24, 24, kernel, stride=2, groups=24, bias=False)
+    plain_bn, plain_conv = copy.deepcopy(bn), copy.deepcopy(conv.conv)
+    x = torch.randn(2, 24, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    out = batchnorm_swish_conv(bn, x, conv)
+    ref = plain_conv(F.pad(F.silu(plain_bn(x2)), pad))
+    grad = torch.randn_like(ref)
+    out.backward(grad), ref.backward(grad)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in ((x.grad, x2.grad), (bn.weight.grad, plain_bn.weight.grad), (bn.bias.grad, plain_bn.bias.grad),
+                 (conv.conv.weight.grad, plain_conv.weight.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
