@@ -94,8 +94,9 @@ def _silu_padded(z: Tensor, pad: Tuple[int, int, int, int]) -> Tensor:
     """``F.pad(F.silu(z), pad)`` (``pad``: (left, right, top, bottom), >= 0). For a channels-last ``z`` in one pass:
     swish written into the inside of the padded tensor, zeros on its border only (``F.pad`` zero-fills the whole
     tensor, then copies); each row of the inside is one contiguous run of width x channels values, which swish's
-    vectorised kernel takes as it takes the dense tensor (the values within one unit in the last place of ``F.silu``'s: its scalar
-    kernel takes a row's last values where width x channels is not a multiple of the vector width)."""
+    vectorised kernel takes as it takes the dense tensor. The values are ``F.silu``'s within one unit in the last
+    place (its scalar kernel takes a row's last values where width x channels is not a multiple of the vector
+    width)."""
     if not any(pad) or not (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last)):
         return F.pad(F.silu(z), pad) if any(pad) else F.silu(z)
     left, right, top, bottom = pad
