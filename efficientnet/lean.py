@@ -1,19 +1,27 @@
 """Memory-lean training form of BatchNorm followed by swish (:func:`batchnorm_swish`) and of the convolution
 that reads its output (:func:`conv_of_batchnorm_swish`).
 
-``swish(bn(x))`` keeps two full-size tensors for the backward: BN's input ``x`` and swish's input ``bn(x)``;
-the convolution after it keeps its own input, ``swish(bn(x))`` (times squeeze-excitation's scale before the
-project conv). :class:`BatchNormSwish` keeps only ``x`` (and BN's per-channel batch statistics) and recomputes
-``bn(x)`` in the backward, one multiply-add per element; :class:`ConvOfBatchNormSwish` convolves
-``swish(bn(x)) [* s]`` keeping ``s`` and what :class:`BatchNormSwish` keeps already, and recomputes its input in
-the backward. An MBConv block with expansion keeps 2 full-size tensors at its expanded width (the expand and the
-depthwise BN inputs) instead of 6. The recomputed ``bn(x)`` (``x * (invstd * w) + (b - mean * invstd * w)``)
-equals the forward's up to the rounding of that formula: bit for bit on the CPU at BatchNorm's initial weights
-(w = 1, b = 0), within float32 round-off (relative ~1e-7 in the gradients) once they have moved.
+``swish(bn(x))`` keeps two full-size tensors for the backward: BN's input ``x`` and swish's input ``z = bn(x)``;
+the convolution after it keeps its own input, ``swish(z)`` (times squeeze-excitation's scale before the project
+conv). :class:`BatchNormSwish` keeps one of ``x`` and ``z`` (and BN's per-channel batch statistics);
+:class:`ConvOfBatchNormSwish` convolves ``swish(z) [* s]`` keeping ``s`` and what :class:`BatchNormSwish` keeps
+already, and recomputes its input in the backward. An MBConv block with expansion keeps 2 full-size tensors at
+its expanded width (at the expand and the depthwise BN) instead of 6.
 
-Under CPU bfloat16 autocast ``swish(bn(x))`` runs through :class:`BatchNormSwishKeepOutput` instead: it keeps BN's
-output (swish's input, which the plain modules keep too) and computes BN's backward from it, so BN's input is not
-kept, with no extra pass over the tensor (the convolutions after it keep their inputs, as plainly).
+Which of the two is kept (:func:`_form`):
+
+- ``x`` (plain layout): the backward recomputes ``z`` (``x * (invstd * w) + (b - mean * invstd * w)``, one
+  multiply-add per element), which equals the forward's up to the rounding of that formula: bit for bit on the
+  CPU at BatchNorm's initial weights (w = 1, b = 0), within float32 round-off (relative ~1e-7 in the gradients)
+  once they have moved.
+- ``z`` (channels-last, and bfloat16 under CPU autocast): nothing to recompute for swish, and BN's backward is
+  computed from ``z``: ``native_batch_norm_backward`` given ``z``, ``b`` as the mean, ``1 / w`` as the inverse
+  std and ``w**2 * invstd`` as the weight returns the same three gradients as from ``x``
+  (``grad_x = w * invstd * (g - mean(g) - x_hat * mean(g * x_hat))``, ``grad_w = sum(g * x_hat)``,
+  ``grad_b = sum(g)`` with ``x_hat = (z - b) / w``). ``x_hat`` read back from a rounded ``z`` loses about
+  ``|b / w|`` times ``z``'s rounding, so this form is taken only where every channel has
+  ``|b| <= KEEP_OUTPUT_RATIO * |w|`` and ``w != 0`` (else ``x`` is kept; under autocast the plain modules run).
+  Under autocast only :class:`BatchNormSwish` runs (the convolutions after it keep their inputs, as plainly).
 """
 from __future__ import annotations
 
@@ -27,6 +35,14 @@ from torch import Tensor, nn
 #: ``(stride, padding, dilation, groups)`` of an ``nn.Conv2d``.
 ConvArgs = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], int]
 
+#: The largest ``|b / w|`` of a BatchNorm channel for which BN's output is kept instead of its input (the ``x_hat``
+#: read back is then within ``16`` roundings of ``z`` of BN's unit scale: ``2**-5`` in bfloat16, ``1e-6`` in float32).
+KEEP_OUTPUT_RATIO = 16.0
+
+#: What :class:`BatchNormSwish` keeps for the convolution after it: ``(kept, weight, bias, mean, invstd,
+#: is_output)`` (``kept``: BN's input ``x``, or its output ``z`` where ``is_output``).
+Saved = Optional[Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, bool]]
+
 
 def _batchnorm_again(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
     """``batch_norm(x)`` from saved batch statistics: ``x * (invstd * w) + (b - mean * invstd * w)``."""
@@ -35,59 +51,46 @@ def _batchnorm_again(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invs
     return torch.addcmul((bias - mean * scale).reshape(shape), x, scale.reshape(shape))
 
 
+def _bn_output(kept: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, is_output: bool) -> Tensor:
+    """BN's output ``z`` from what was kept: ``kept`` itself, or recomputed from BN's input."""
+    return kept if is_output else _batchnorm_again(kept, weight, bias, mean, invstd)
+
+
+def _bn_backward(grad_z: Tensor, kept: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor,
+                 eps: float, is_output: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """BN's ``(grad_x, grad_w, grad_b)`` in training mode from its input, or from its output (module docstring)."""
+    if is_output:
+        return torch.ops.aten.native_batch_norm_backward(grad_z, kept, weight * weight * invstd, None, None, bias,
+                                                         weight.reciprocal(), True, eps, [True, True, True])
+    return torch.ops.aten.native_batch_norm_backward(grad_z, kept, weight, None, None, mean, invstd, True, eps,
+                                                     [True, True, True])
+
+
 class BatchNormSwish(torch.autograd.Function):
-    """``silu(batch_norm(x))`` in training mode (batch statistics, running statistics updated in place),
-    saving ``x``, the weights and the batch mean / inverse std only. Returns ``(output, mean, invstd)``."""
+    """``silu(batch_norm(x))`` in training mode (batch statistics, running statistics updated in place), saving
+    ``x`` (or BN's output where ``keep_output``), the weights and the batch mean / inverse std only. Returns
+    ``(output, mean, invstd, z)``: ``z`` BN's output where ``keep_output`` (the kept tensor), else empty."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
-                momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+                momentum: float, eps: float, keep_output: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         z, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.eps = eps
-        ctx.mark_non_differentiable(mean, invstd)
-        return F.silu(z, inplace=True), mean, invstd  # z is not kept
+        ctx.save_for_backward(z if keep_output else x, weight, bias, mean, invstd)
+        ctx.eps, ctx.keep_output = eps, keep_output
+        if not keep_output:
+            y, z = F.silu(z, inplace=True), x.new_empty(0)  # z is not kept
+        else:
+            y = F.silu(z)
+        ctx.mark_non_differentiable(mean, invstd, z)
+        return y, mean, invstd, z
 
     @staticmethod
     def backward(ctx, grad: Tensor, *_unused: Tensor) -> Tuple[Optional[Tensor], ...]:
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        grad_z = torch.ops.aten.silu_backward(grad, _batchnorm_again(x, weight, bias, mean, invstd))
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_z, x, weight, None, None, mean, invstd, True, ctx.eps, [True, True, True])
-        return grad_x, grad_w, grad_b, None, None, None, None
-
-
-class BatchNormSwishKeepOutput(torch.autograd.Function):
-    """``silu(batch_norm(x))`` in training mode (batch statistics, running statistics updated in place) for a
-    lower-precision ``x`` (bfloat16 under CPU autocast, float32 weights), keeping only BN's output
-    ``z = x_hat * w + b``, which swish's backward reads anyway, instead of ``x`` as well. BN's backward needs
-    ``x_hat = (z - b) / w``: ``native_batch_norm_backward`` computes it from ``z`` given ``b`` as the mean, ``1 / w``
-    as the inverse std and ``w**2 * invstd`` as the weight, which gives the same three gradients as from ``x``
-    (``grad_x = w * invstd * (g - mean(g) - x_hat * mean(g * x_hat))``, ``grad_w = sum(g * x_hat)``,
-    ``grad_b = sum(g)``) without an extra pass. ``x_hat`` read back from a rounded ``z`` loses about
-    ``|b / w|`` times ``z``'s rounding: :func:`batchnorm_swish_saved` takes this form only where every channel has
-    ``|b| <= KEEP_OUTPUT_RATIO * |w|`` (``w != 0``)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
-                momentum: float, eps: float) -> Tensor:
-        z, _mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(z, weight, bias, invstd)
-        ctx.eps = eps
-        return F.silu(z)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        z, weight, bias, invstd = ctx.saved_tensors
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            torch.ops.aten.silu_backward(grad, z), z, weight * weight * invstd, None, None, bias, weight.reciprocal(),
-            True, ctx.eps, [True, True, True])
-        return grad_x, grad_w, grad_b, None, None, None, None
-
-
-#: The largest ``|b / w|`` of a BatchNorm channel for which :class:`BatchNormSwishKeepOutput` is taken (there the
-#: recovered ``x_hat`` is within ``16 * 2**-9`` of BN's unit scale in bfloat16).
-KEEP_OUTPUT_RATIO = 16.0
+        kept, weight, bias, mean, invstd = ctx.saved_tensors
+        z = _bn_output(kept, weight, bias, mean, invstd, ctx.keep_output)
+        grad_x, grad_w, grad_b = _bn_backward(torch.ops.aten.silu_backward(grad, z), kept, weight, bias, mean,
+                                              invstd, ctx.eps, ctx.keep_output)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def _silu_padded(z: Tensor, pad: Tuple[int, int, int, int]) -> Tensor:
@@ -149,29 +152,29 @@ def _conv_padded_backward(grad: Tensor, padded: Tensor, weight: Tensor, pad: Tup
 class BatchNormSwishConv(torch.autograd.Function):
     """``conv2d(pad(silu(batch_norm(x))), weight)`` in training mode (batch statistics, running statistics updated
     in place): :class:`BatchNormSwish` and the convolution reading its output (the depthwise conv after an
-    MBConv block's expansion) in one, saving ``x``, the weights and the batch statistics only; the backward
-    recomputes ``batch_norm(x)`` once for both. ``pad`` / ``conv`` as :class:`ConvOfBatchNormSwish`."""
+    MBConv block's expansion) in one, saving ``x`` (or BN's output where ``keep_output``), the weights and the
+    batch statistics only; the backward recomputes the convolution's input. ``pad`` / ``conv`` as
+    :class:`ConvOfBatchNormSwish`."""
 
     @staticmethod
     def forward(ctx, x: Tensor, bn_weight: Tensor, bn_bias: Tensor, running_mean: Tensor, running_var: Tensor,
-                momentum: float, eps: float, weight: Tensor, pad: Tuple[int, int, int, int],
+                momentum: float, eps: float, keep_output: bool, weight: Tensor, pad: Tuple[int, int, int, int],
                 conv: ConvArgs) -> Tensor:
         z, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True, momentum,
                                                   eps)
-        ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
-        ctx.eps, ctx.pad, ctx.conv = eps, pad, conv
-        return _conv_padded(_silu_padded(z, pad), weight, conv)  # z is not kept
+        ctx.save_for_backward(z if keep_output else x, bn_weight, bn_bias, mean, invstd, weight)
+        ctx.eps, ctx.keep_output, ctx.pad, ctx.conv = eps, keep_output, pad, conv
+        return _conv_padded(_silu_padded(z, pad), weight, conv)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        x, bn_weight, bn_bias, mean, invstd, weight = ctx.saved_tensors
-        z = _batchnorm_again(x, bn_weight, bn_bias, mean, invstd)
+        kept, bn_weight, bn_bias, mean, invstd, weight = ctx.saved_tensors
+        z = _bn_output(kept, bn_weight, bn_bias, mean, invstd, ctx.keep_output)
         grad_y, grad_weight = _conv_padded_backward(grad, _silu_padded(z, ctx.pad), weight, ctx.pad, ctx.conv,
-                                                    ctx.needs_input_grad[7])
-        grad_x, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-            torch.ops.aten.silu_backward(grad_y, z), x, bn_weight, None, None, mean, invstd, True, ctx.eps,
-            [True, True, True])
-        return grad_x, grad_bn_weight, grad_bn_bias, None, None, None, None, grad_weight, None, None
+                                                    ctx.needs_input_grad[8])
+        grad_x, grad_bn_weight, grad_bn_bias = _bn_backward(torch.ops.aten.silu_backward(grad_y, z), kept, bn_weight,
+                                                            bn_bias, mean, invstd, ctx.eps, ctx.keep_output)
+        return grad_x, grad_bn_weight, grad_bn_bias, None, None, None, None, None, grad_weight, None, None
 
 
 class ConvOfBatchNormSwish(torch.autograd.Function):
@@ -183,25 +186,23 @@ class ConvOfBatchNormSwish(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: Tensor, s: Optional[Tensor], weight: Tensor, pad: Tuple[int, int, int, int],
-                conv: ConvArgs, x: Tensor, bn_weight: Tensor, bn_bias: Tensor, mean: Tensor,
-                invstd: Tensor) -> Tensor:
-        ctx.save_for_backward(weight, s, x, bn_weight, bn_bias, mean, invstd)
-        ctx.pad, ctx.conv = pad, conv
+                conv: ConvArgs, kept: Tensor, bn_weight: Tensor, bn_bias: Tensor, mean: Tensor,
+                invstd: Tensor, is_output: bool) -> Tensor:
+        ctx.save_for_backward(weight, s, kept, bn_weight, bn_bias, mean, invstd)
+        ctx.pad, ctx.conv, ctx.is_output = pad, conv, is_output
         return _conv(y if s is None else y * s, weight, pad, conv)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        weight, s, x, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
-        y = F.silu(_batchnorm_again(x, bn_weight, bn_bias, mean, invstd), inplace=True)
+        weight, s, kept, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
+        z = _bn_output(kept, bn_weight, bn_bias, mean, invstd, ctx.is_output)
+        y = F.silu(z, inplace=not ctx.is_output)
         grad_inputs, grad_weight = _conv_backward(grad, y if s is None else y * s, weight, ctx.pad, ctx.conv,
                                                   ctx.needs_input_grad[2])
         if s is None:
-            return grad_inputs, None, grad_weight, None, None, None, None, None, None, None
+            return grad_inputs, None, grad_weight, None, None, None, None, None, None, None, None
         grad_s = (grad_inputs * y).sum(dim=(2, 3), keepdim=True) if ctx.needs_input_grad[1] else None
-        return grad_inputs * s, grad_s, grad_weight, None, None, None, None, None, None, None
-
-
-Saved = Optional[Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]
+        return grad_inputs * s, grad_s, grad_weight, None, None, None, None, None, None, None, None
 
 
 def batchnorm_swish(bn: nn.Module, x: Tensor) -> Tensor:
@@ -209,22 +210,23 @@ def batchnorm_swish(bn: nn.Module, x: Tensor) -> Tensor:
     return batchnorm_swish_saved(bn, x)[0]
 
 
-def _form(bn: nn.Module, x: Tensor) -> Optional[str]:
-    """Which training form of ``silu(bn(x))`` applies: ``"lean"`` (:class:`BatchNormSwish` and the convolutions
-    after it: float32, no autocast), ``"keep_output"`` (:class:`BatchNormSwishKeepOutput`: a bfloat16 ``x`` on the
-    CPU, float32 weights, every ``|b| <= KEEP_OUTPUT_RATIO * |w|``, ``w != 0``) or None, the plain modules
-    (evaluation, folded BN = ``nn.Identity``, SyncBatchNorm, no affine weights or running statistics, no
-    gradients, other dtypes and devices)."""
+def _form(bn: nn.Module, x: Tensor) -> Optional[bool]:
+    """Which training form of ``silu(bn(x))`` applies: None for the plain modules (evaluation, folded BN =
+    ``nn.Identity``, SyncBatchNorm, no affine weights or running statistics, no gradients, other dtypes and
+    devices, and bfloat16 where BN's output may not be kept); else whether BN's output is kept (a channels-last
+    float32 ``x``, or a bfloat16 one under CPU autocast, where every ``|b| <= KEEP_OUTPUT_RATIO * |w|`` and
+    ``w != 0``) rather than its input (other float32 ``x``)."""
     if not (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
             and torch.is_grad_enabled() and bn.weight.dtype == torch.float32):
         return None
-    if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
-        return "lean"
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+    low_precision = x.dtype == torch.bfloat16 and x.device.type == "cpu"
+    if not low_precision and (x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)):
+        return None
+    if low_precision or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
         weight = bn.weight.detach().abs()
         if bool(((weight > 0) & (bn.bias.detach().abs() <= KEEP_OUTPUT_RATIO * weight)).all()):
-            return "keep_output"
-    return None
+            return True
+    return None if low_precision else False
 
 
 def _momentum(bn: nn.Module) -> Optional[float]:
@@ -251,18 +253,18 @@ def _conv_args(wrapper: nn.Module, x: Tensor) -> Optional[Tuple[Tuple[int, int, 
 
 def batchnorm_swish_saved(bn: nn.Module, x: Tensor) -> Tuple[Tensor, Saved]:
     """``silu(bn(x))`` and what :func:`conv_of_batchnorm_swish` needs; through :class:`BatchNormSwish` where it
-    applies (a float32 ``nn.BatchNorm2d`` with affine weights and running statistics, training with gradients, no
-    autocast), through :class:`BatchNormSwishKeepOutput` under CPU bfloat16 autocast (see :func:`_form`), else the
-    plain modules (evaluation, folded BN = ``nn.Identity``, SyncBatchNorm; the second value is None unless
-    :class:`BatchNormSwish` ran). Same values and running statistics either way."""
-    form = _form(bn, x)
-    if form is None:
+    applies (an ``nn.BatchNorm2d`` with float32 affine weights and running statistics, training with gradients, a
+    float32 ``x`` without autocast or a bfloat16 one under CPU autocast: :func:`_form`), else the plain modules
+    (evaluation, folded BN = ``nn.Identity``, SyncBatchNorm). The second value is None unless a float32 ``x`` went
+    through :class:`BatchNormSwish`. Same values and running statistics either way."""
+    keep_output = _form(bn, x)
+    if keep_output is None:
         return F.silu(bn(x)), None
-    args = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _momentum(bn), bn.eps)
-    if form == "keep_output":
-        return BatchNormSwishKeepOutput.apply(*args), None
-    y, mean, invstd = BatchNormSwish.apply(*args)
-    return y, (x, bn.weight, bn.bias, mean, invstd)
+    y, mean, invstd, z = BatchNormSwish.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                              _momentum(bn), bn.eps, keep_output)
+    if x.dtype != torch.float32:
+        return y, None
+    return y, (z if keep_output else x, bn.weight, bn.bias, mean, invstd, keep_output)
 
 
 def batchnorm_swish_conv(bn: nn.Module, x: Tensor, wrapper: nn.Module) -> Tensor:
@@ -270,10 +272,11 @@ def batchnorm_swish_conv(bn: nn.Module, x: Tensor, wrapper: nn.Module) -> Tensor
     through :class:`BatchNormSwishConv` where the lean forms apply (see :func:`batchnorm_swish_saved`), else
     ``wrapper(batchnorm_swish(bn, x))``. Same values, gradients and running statistics either way."""
     args = _conv_args(wrapper, x)
-    if args is None or _form(bn, x) != "lean":
+    keep_output = _form(bn, x) if args is not None and x.dtype == torch.float32 else None
+    if keep_output is None:
         return wrapper(batchnorm_swish(bn, x))
     return BatchNormSwishConv.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _momentum(bn), bn.eps,
-                                    wrapper.conv.weight, *args)
+                                    keep_output, wrapper.conv.weight, *args)
 
 
 def conv_of_batchnorm_swish(wrapper: nn.Module, y: Tensor, saved: Saved, s: Optional[Tensor] = None) -> Tensor:

@@ -345,7 +345,7 @@ def test_mbconv_block_training_step_is_the_plain_modules_bit_for_bit():
 
 @pytest.mark.parametrize("weights", ["trained", "zero", "large_ratio"])
 def test_batchnorm_swish_under_cpu_autocast_keeps_only_the_bn_output(weights):
-    """swish(bn(x)) for a bf16 x under CPU autocast (BatchNormSwishKeepOutput): output, input gradient and both
+    """swish(bn(x)) for a bf16 x under CPU autocast (BatchNormSwish keeping BN's output): output, input gradient and both
     BatchNorm gradients equal float64 autograd of the formulas written out (batch statistics, biased variance,
     x_hat * w + b, z * sigmoid(z)) to bf16 precision, running statistics as nn.BatchNorm2d updates them, and only
     BN's output is kept; with a zero weight, or a channel with |b| > KEEP_OUTPUT_RATIO * |w|, the plain modules
