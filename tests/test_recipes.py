@@ -76,8 +76,9 @@ def test_every_shipped_recipe_loads_with_valid_keys_and_types():
     assert _raw("official") == OFFICIAL
     assert _raw("scratch") == {"batch_size": 8, "lr": 8e-3, "lr_schedule": "cosine", "loss": "official",
                                "bn_momentum": 0.1, "clip_grad": 0.3}
-    finetune = _raw("finetune")
-    assert finetune["head_only_epochs"] == 1.0 and finetune["lr_schedule"] == "cosine" and finetune["ema"] is True
+    assert _raw("finetune") == {"optim": "adamw", "lr": 1e-3, "lr_schedule": "plateau", "warmup_epochs": 1.0,
+                                "head_only_epochs": 0.0, "clip_grad": 10.0, "ema": True, "batch_size": 8,
+                                "num_epochs": 50}
 
 
 def test_published_is_todays_defaults():
