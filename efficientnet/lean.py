@@ -22,11 +22,6 @@ Which of the two is kept (:func:`_form`):
   ``|b / w|`` times ``z``'s rounding, so this form is taken only where every channel has
   ``|b| <= KEEP_OUTPUT_RATIO * |w|`` and ``w != 0`` (else ``x`` is kept; under autocast the plain modules run).
   Under autocast only :class:`BatchNormSwish` runs (the convolutions after it keep their inputs, as plainly).
-
-On channels-last float32 input the project conv of an MBConv block (1x1, after squeeze-excitation's scale ``s``)
-runs as one matrix product per image with ``weight * s[b]`` (:func:`_scaled_pointwise`), and its backward as two
-(:func:`_scaled_pointwise_backward`): ``y * s`` and the products of the gradient with ``s`` and ``y`` are never
-written, 3 to 4 passes over the block's widest tensor fewer than ``conv2d(y * s)`` and its backward.
 """
 from __future__ import annotations
 
@@ -182,42 +177,6 @@ class BatchNormSwishConv(torch.autograd.Function):
         return grad_x, grad_bn_weight, grad_bn_bias, None, None, None, None, None, grad_weight, None, None
 
 
-def _scaled_pointwise_applies(y: Tensor, s: Optional[Tensor], weight: Tensor, pad: Tuple[int, int, int, int],
-                              conv: ConvArgs) -> bool:
-    """Whether ``conv2d(y * s, weight)`` is a 1x1 convolution (stride 1, no padding, one group) of a channels-last
-    float32 ``y`` with a scale ``s``: then :func:`_scaled_pointwise` computes it."""
-    stride, padding, dilation, groups = conv
-    return (s is not None and not any(pad) and tuple(weight.shape[-2:]) == (1, 1) and tuple(stride) == (1, 1)
-            and tuple(padding) == (0, 0) and groups == 1 and y.dim() == 4 and y.dtype == torch.float32
-            and y.is_contiguous(memory_format=torch.channels_last))
-
-
-def _scaled_pointwise(y: Tensor, s: Tensor, weight: Tensor) -> Tensor:
-    """``conv2d(y * s, weight)`` for a 1x1 ``weight`` (Tensor[O, C, 1, 1]), a channels-last ``y`` (Tensor[B, C, H,
-    W]) and ``s`` (Tensor[B, C, 1, 1]): one matrix product per image, ``y[b]`` (H*W x C, channels-last memory as
-    it is) times ``(weight * s[b])^T``, without writing ``y * s``. Returns Tensor[B, O, H, W], channels-last."""
-    batch, channels, height, width = y.shape
-    scaled = weight.reshape(1, -1, channels) * s.reshape(batch, 1, channels)
-    out = torch.bmm(y.permute(0, 2, 3, 1).reshape(batch, height * width, channels), scaled.transpose(1, 2))
-    return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
-
-
-def _scaled_pointwise_backward(grad: Tensor, y: Tensor, s: Tensor, weight: Tensor
-                               ) -> Tuple[Tensor, Tensor, Tensor]:
-    """The gradients of :func:`_scaled_pointwise` for ``y``, ``s`` and ``weight``, from two matrix products per
-    image: ``m[b] = grad[b]^T y[b]`` (O x C) gives ``grad_weight = sum_b m[b] * s[b]`` and ``grad_s[b] = sum_o
-    m[b] * weight``; ``grad_y[b] = grad[b] (weight * s[b])``. ``y * s`` and ``grad_y / s`` are never written."""
-    batch, channels, height, width = y.shape
-    out_channels = weight.shape[0]
-    grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, height * width, out_channels)
-    m = torch.bmm(grad_rows.transpose(1, 2), y.permute(0, 2, 3, 1).reshape(batch, height * width, channels))
-    s_rows, weight_rows = s.reshape(batch, 1, channels), weight.reshape(1, out_channels, channels)
-    grad_weight = (m * s_rows).sum(0).view(weight.shape)
-    grad_s = (m * weight_rows).sum(1).view(s.shape)
-    grad_y = torch.bmm(grad_rows, weight_rows * s_rows).view(batch, height, width, channels).permute(0, 3, 1, 2)
-    return grad_y, grad_s, grad_weight
-
-
 class ConvOfBatchNormSwish(torch.autograd.Function):
     """``conv2d(pad(y [* s]), weight)`` for ``y`` an output of :class:`BatchNormSwish` (``s``: Tensor[B, C, 1, 1],
     squeeze-excitation's scale, or None), saving ``weight``, ``s`` and what :class:`BatchNormSwish` keeps already
@@ -231,8 +190,6 @@ class ConvOfBatchNormSwish(torch.autograd.Function):
                 invstd: Tensor, is_output: bool) -> Tensor:
         ctx.save_for_backward(weight, s, kept, bn_weight, bn_bias, mean, invstd)
         ctx.pad, ctx.conv, ctx.is_output = pad, conv, is_output
-        if _scaled_pointwise_applies(y, s, weight, pad, conv):
-            return _scaled_pointwise(y, s, weight)
         return _conv(y if s is None else y * s, weight, pad, conv)
 
     @staticmethod
@@ -240,9 +197,6 @@ class ConvOfBatchNormSwish(torch.autograd.Function):
         weight, s, kept, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
         z = _bn_output(kept, bn_weight, bn_bias, mean, invstd, ctx.is_output)
         y = F.silu(z, inplace=not ctx.is_output)
-        if _scaled_pointwise_applies(y, s, weight, ctx.pad, ctx.conv):
-            grad_y, grad_s, grad_weight = _scaled_pointwise_backward(grad, y, s, weight)
-            return grad_y, grad_s, grad_weight, None, None, None, None, None, None, None, None
         grad_inputs, grad_weight = _conv_backward(grad, y if s is None else y * s, weight, ctx.pad, ctx.conv,
                                                   ctx.needs_input_grad[2])
         if s is None:
