@@ -100,8 +100,10 @@ def _silu_padded(z: Tensor, pad: Tuple[int, int, int, int]) -> Tensor:
     vectorised kernel takes as it takes the dense tensor. The values are ``F.silu``'s within one unit in the last
     place (its scalar kernel takes a row's last values where width x channels is not a multiple of the vector
     width)."""
-    if not any(pad) or not (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last)):
-        return F.pad(F.silu(z), pad) if any(pad) else F.silu(z)
+    if not any(pad):
+        return F.silu(z)
+    if not (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last)):
+        return F.pad(F.silu(z), pad)
     left, right, top, bottom = pad
     height, width = z.shape[-2:]
     out = torch.empty(z.shape[:-2] + (height + top + bottom, width + left + right), dtype=z.dtype, device=z.device,
@@ -144,7 +146,7 @@ def _conv_padded_backward(grad: Tensor, padded: Tensor, weight: Tensor, pad: Tup
         left, right, top, bottom = pad
         height, width = grad_inputs.shape[-2:]
         grad_inputs = grad_inputs[..., top:height - bottom, left:width - right]
-    elif any(pad):  # a dense copy, as F.pad's own backward (rows of one width only: tails in other kernels)
+    elif any(pad):  # a dense copy, as F.pad's own backward: a view's short rows would reach the scalar kernels
         grad_inputs = F.pad(grad_inputs, tuple(-p for p in pad))
     return grad_inputs, grad_weight
 
