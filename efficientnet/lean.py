@@ -22,6 +22,12 @@ Which of the two is kept (:func:`_form`):
   ``|b / w|`` times ``z``'s rounding, so this form is taken only where every channel has
   ``|b| <= KEEP_OUTPUT_RATIO * |w|`` and ``w != 0`` (else ``x`` is kept; under autocast the plain modules run).
   Under autocast only :class:`BatchNormSwish` runs (the convolutions after it keep their inputs, as plainly).
+
+Under CPU autocast the project conv of an MBConv block (1x1, after squeeze-excitation's scale ``s``) runs as one
+bfloat16 matrix product per image with ``weight * s[b]`` (:class:`ScaledPointwiseForAmp`, oneDNN's AMX matmul),
+keeping ``y`` but not ``y * s``. Float32 keeps the convolution: PyTorch's float32 matrix products run on MKL,
+whose results in the training process were not the same bits from run to run (so an interrupted run would not
+resume exactly), while oneDNN's are.
 """
 from __future__ import annotations
 
@@ -207,6 +213,66 @@ class ConvOfBatchNormSwish(torch.autograd.Function):
         return grad_inputs * s, grad_s, grad_weight, None, None, None, None, None, None, None, None
 
 
+def _rows(x: Tensor) -> Tensor:
+    """Tensor[B, C, H, W] -> Tensor[B, H * W, C]: a view of a channels-last ``x`` (else a copy)."""
+    batch, channels, height, width = x.shape
+    return x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+
+
+class ScaledPointwiseForAmp(torch.autograd.Function):
+    """``conv2d(y * s, weight)`` of a 1x1 convolution (stride 1, one group, no bias, ``weight``: Tensor[O, C, 1,
+    1]) for a lower-precision channels-last ``y`` (Tensor[B, C, H, W], bfloat16 under CPU autocast) and ``s``
+    (Tensor[B, C, 1, 1], squeeze-excitation's scale): one matrix product per image, ``y[b]`` (its channels-last
+    memory read as H*W rows of C values) times ``(weight * s[b])^T``, in ``y``'s dtype (``weight`` cast to it,
+    as autocast casts it). Keeps ``y``, ``s`` and ``weight``, not ``y * s``; the backward is two products per
+    image, ``m[b] = grad[b]^T y[b]`` (O x C, summed in float32 to ``grad_weight = sum_b m[b] * s[b]`` and
+    ``grad_s[b] = sum_o m[b] * weight``) and ``grad_y[b] = grad[b] (weight * s[b])``. oneDNN runs bfloat16
+    batched products on its AMX matmul kernels, 3-5x faster than the convolution with the scale written out
+    (D0 batch 8 at 512: forward 1.2 ms against 5.6 ms, backward 5.9 ms against 26 ms for 144 -> 24 channels
+    at 128 x 128). Returns Tensor[B, O, H, W], channels-last."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, s: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(y, s, weight)
+        batch, channels, height, width = y.shape
+        with torch.autocast(y.device.type, enabled=False):
+            scaled = weight.to(y.dtype).reshape(1, -1, channels) * s.reshape(batch, 1, channels)
+            out = torch.bmm(_rows(y), scaled.transpose(1, 2))
+        return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        y, s, weight = ctx.saved_tensors
+        batch, channels, height, width = y.shape
+        out_channels = weight.shape[0]
+        grad_y = grad_s = grad_weight = None
+        with torch.autocast(y.device.type, enabled=False):
+            grad_rows = _rows(grad.to(y.dtype))
+            if ctx.needs_input_grad[0]:
+                scaled = weight.to(y.dtype).reshape(1, out_channels, channels) * s.reshape(batch, 1, channels)
+                grad_y = torch.bmm(grad_rows, scaled).view(batch, height, width, channels).permute(0, 3, 1, 2)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                m = torch.bmm(grad_rows.transpose(1, 2), _rows(y)).float()
+                if ctx.needs_input_grad[2]:
+                    grad_weight = (m * s.reshape(batch, 1, channels).float()).sum(0).view(weight.shape)
+                    grad_weight = grad_weight.to(weight.dtype)
+                if ctx.needs_input_grad[1]:
+                    grad_s = (m * weight.reshape(1, out_channels, channels).float()).sum(1).view(s.shape).to(s.dtype)
+        return grad_y, grad_s, grad_weight
+
+
+def _scaled_pointwise_for_amp(wrapper: nn.Module, y: Tensor, s: Optional[Tensor]) -> bool:
+    """Whether ``wrapper(y * s)`` goes through :class:`ScaledPointwiseForAmp`: training under CPU autocast
+    (gradients on) with a lower-precision channels-last ``y`` and a scale ``s`` of its dtype, and a 1x1
+    convolution with stride 1, one group, no padding and no bias."""
+    conv = wrapper.conv
+    return (s is not None and y.device.type == "cpu" and y.dtype in (torch.bfloat16, torch.float16)
+            and s.dtype == y.dtype and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)
+            and tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and conv.groups == 1
+            and conv.bias is None and tuple(conv.padding) == (0, 0) and not wrapper._needs_pad)
+
+
 def batchnorm_swish(bn: nn.Module, x: Tensor) -> Tensor:
     """``silu(bn(x))`` (see :func:`batchnorm_swish_saved`)."""
     return batchnorm_swish_saved(bn, x)[0]
@@ -287,6 +353,8 @@ def conv_of_batchnorm_swish(wrapper: nn.Module, y: Tensor, saved: Saved, s: Opti
     the backward where ``saved`` is not None (:class:`ConvOfBatchNormSwish`); else the plain modules."""
     args = _conv_args(wrapper, y) if saved is not None else None
     if args is None:
+        if saved is None and _scaled_pointwise_for_amp(wrapper, y, s):
+            return ScaledPointwiseForAmp.apply(y, s, wrapper.conv.weight)
         return wrapper(y if s is None else y * s)
     return ConvOfBatchNormSwish.apply(y, s, wrapper.conv.weight, *args, *saved)
 

@@ -418,3 +418,45 @@ def test_strided_lean_depthwise_conv_on_channels_last_equals_the_plain_modules(k
     for a, b in ((x.grad, x2.grad), (bn.weight.grad, plain_bn.weight.grad), (bn.bias.grad, plain_bn.bias.grad),
                  (conv.conv.weight.grad, plain_conv.weight.grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch, height, width", [(2, 10, 12), (1, 7, 5)])
+def test_project_conv_under_cpu_autocast_is_the_float64_conv_keeping_no_scaled_input(batch, height, width):
+    """The 1x1 project conv of squeeze-excitation's scaled output under CPU bf16 autocast
+    (ScaledPointwiseForAmp: one matrix product per image with weight * s[b]): output and the gradients of y, s and
+    the weight equal float64 autograd of conv2d(y * s, weight) to bf16 precision; output channels-last bf16, weight
+    gradient float32; the backward keeps y, s and the weight but no y * s (the plain modules keep both)."""
+    from efficientnet.lean import conv_of_batchnorm_swish
+    from efficientnet.utils import Conv2dStaticSamePadding
+
+    torch.manual_seed(0)
+    conv = Conv2dStaticSamePadding(48, 16, 1, bias=False)
+    y = torch.randn(batch, 48, height, width).bfloat16().contiguous(memory_format=torch.channels_last)
+    s = torch.rand(batch, 48, 1, 1).bfloat16()
+    grad = torch.randn(batch, 16, height, width).bfloat16()
+
+    def run(lean: bool):
+        conv.conv.weight.grad = None
+        yy, ss = y.clone().requires_grad_(), s.clone().requires_grad_()
+        kept = []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+                out = conv_of_batchnorm_swish(conv, yy, None, ss) if lean else conv(yy * ss)
+        out.backward(grad)
+        full = [t for t in kept if t.shape == y.shape]
+        return out, yy.grad, ss.grad, conv.conv.weight.grad.clone(), full
+
+    out, grad_y, grad_s, grad_w, full = run(lean=True)
+    assert type(out.grad_fn).__name__ == "ScaledPointwiseForAmpBackward"
+    assert out.dtype == grad_y.dtype == grad_s.dtype == torch.bfloat16 and grad_w.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert len(full) == 1 and torch.equal(full[0], y)
+    assert len(run(lean=False)[4]) == 2  # the plain modules keep y and y * s
+
+    y64, s64 = y.double().requires_grad_(), s.double().requires_grad_()
+    w64 = conv.conv.weight.detach().double().requires_grad_()
+    ref = F.conv2d(y64 * s64, w64)
+    ref.backward(grad.double())
+    for a, b in ((out, ref), (grad_y, y64.grad), (grad_s, s64.grad), (grad_w, w64.grad)):
+        scale = float(b.detach().abs().max())
+        torch.testing.assert_close(a.double(), b.detach(), rtol=0, atol=1e-2 * scale)
