@@ -263,10 +263,10 @@ class ScaledPointwiseForAmp(torch.autograd.Function):
 
 def _scaled_pointwise_for_amp(wrapper: nn.Module, y: Tensor, s: Optional[Tensor]) -> bool:
     """Whether ``wrapper(y * s)`` goes through :class:`ScaledPointwiseForAmp`: training under CPU autocast
-    (gradients on) with a lower-precision channels-last ``y`` and a scale ``s`` of its dtype, and a 1x1
+    (gradients on) with a bfloat16 channels-last ``y`` and a scale ``s`` of its dtype, and a 1x1
     convolution with stride 1, one group, no padding and no bias."""
     conv = wrapper.conv
-    return (s is not None and y.device.type == "cpu" and y.dtype in (torch.bfloat16, torch.float16)
+    return (s is not None and y.device.type == "cpu" and y.dtype == torch.bfloat16
             and s.dtype == y.dtype and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
             and y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)
             and tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and conv.groups == 1
