@@ -220,11 +220,15 @@ def test_guard_refuses_a_zero_snapshot_interval():
 
 
 
-@pytest.mark.parametrize("kernel, stride, scaled", [(3, 1, False), (5, 2, False), (1, 1, True)])
-def test_lean_conv_of_batchnorm_swish_equals_the_plain_modules_keeping_less(kernel, stride, scaled):
+@pytest.mark.parametrize("kernel, stride, scaled, layout", [
+    (3, 1, False, "nchw"), (5, 2, False, "nchw"), (1, 1, True, "nchw"), (3, 1, False, "channels_last"),
+    (1, 1, True, "channels_last"), (1, 1, "tiny", "channels_last")])
+def test_lean_conv_of_batchnorm_swish_equals_the_plain_modules_keeping_less(kernel, stride, scaled, layout):
     """conv(swish(bn(x)) [* s]) through BatchNormSwish + ConvOfBatchNormSwish: the values, gradients and running
     statistics of nn.BatchNorm2d -> x * sigmoid(x) [-> * s] -> F.pad ("SAME", strided) -> nn.Conv2d written out
-    (to float32 round-off: random BatchNorm weights), keeping under half the bytes."""
+    (to float32 round-off: random BatchNorm weights), keeping under half the bytes. On channels-last input the
+    project conv keeps y * s (its gradient for s is then sum(grad * y * s) / s), unless a scale is below
+    MIN_SCALE ("tiny": one is 0, where that quotient would be 0 / 0): then it recomputes y * s."""
     from efficientnet.lean import batchnorm_swish_saved, conv_of_batchnorm_swish
     from efficientnet.utils import Conv2dStaticSamePadding
 
@@ -235,14 +239,22 @@ def test_lean_conv_of_batchnorm_swish_equals_the_plain_modules_keeping_less(kern
     conv = Conv2dStaticSamePadding(8, 6 if scaled else 8, kernel, stride=stride, groups=1 if scaled else 8,
                                    bias=False)
     plain_bn, plain_conv = copy.deepcopy(bn), copy.deepcopy(conv.conv)
-    x = torch.randn(2, 8, 12, 12, requires_grad=True)
-    s = torch.rand(2, 8, 1, 1, requires_grad=True) if scaled else None
+    x = torch.randn(2, 8, 12, 12)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    s = torch.rand(2, 8, 1, 1) if scaled else None
+    if scaled == "tiny":
+        s[1, 3] = 0.0
+    if scaled:
+        s.requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     s2 = s.detach().clone().requires_grad_() if scaled else None
 
     def lean():
         y, saved = batchnorm_swish_saved(bn, x)
         assert saved is not None
+        ys.append(y.detach())
         return conv_of_batchnorm_swish(conv, y, saved, s)
 
     def plain():
@@ -253,8 +265,12 @@ def test_lean_conv_of_batchnorm_swish_equals_the_plain_modules_keeping_less(kern
             y = F.pad(y, (1, 2, 1, 2))
         return plain_conv(y)
 
-    out, ref = [], []
+    out, ref, ys = [], [], []
     kept_lean = _saved_bytes(lambda: out.append(lean()))
+    with torch.no_grad():
+        keeps_scaled = scaled is not False and any(t.shape == x.shape and torch.equal(t, ys[0] * s)
+                                                   for t in out[0].grad_fn.saved_tensors)
+    assert keeps_scaled == (scaled is True and layout == "channels_last")
     kept_plain = _saved_bytes(lambda: ref.append(plain()))
     assert out[0].shape == ref[0].shape == (2, conv.conv.out_channels, 12 // stride, 12 // stride)
     grad = torch.randn_like(ref[0])
@@ -262,8 +278,8 @@ def test_lean_conv_of_batchnorm_swish_equals_the_plain_modules_keeping_less(kern
     torch.testing.assert_close(out[0], ref[0], rtol=1e-6, atol=1e-6)
     pairs = [(x.grad, x2.grad), (bn.weight.grad, plain_bn.weight.grad), (bn.bias.grad, plain_bn.bias.grad),
              (conv.conv.weight.grad, plain_conv.weight.grad)] + ([(s.grad, s2.grad)] if scaled else [])
-    for a, b in pairs:
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in pairs:  # channels-last reads BN's input back from its output: within 1e-5 of the gradients' scale
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 if layout == "nchw" else 1e-5 * float(b.abs().max()))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(bn, name), getattr(plain_bn, name), rtol=0, atol=0)
     assert kept_lean < 0.5 * kept_plain
