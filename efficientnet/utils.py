@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lean import DepthwiseForAmp
+from .lean_amp import DepthwiseForAmp
 
 IntPair = Union[int, Tuple[int, int]]
 
