@@ -172,16 +172,17 @@ def test_overfits_two_images_and_detects_their_boxes(tmp_path, monkeypatch):
     right class). Also exercises --val_map (best by mAP), --debug images and the loss-curve PNG.
 
     From scratch, BN running statistics with the official momentum (0.01) need thousands of steps
-    before eval mode matches train mode; --bn_momentum 0.1 lets 80 steps suffice. The thread count changes
-    float round-off and so the trajectory: lr 2e-3 reaches mAP ~0.8 at 1, 2 and 3 threads (1e-3 only 0.52
-    at 1 thread)."""
+    before eval mode matches train mode; --bn_momentum 0.1 lets 100 steps suffice. The thread count (and any
+    change of float round-off) changes the trajectory: after 80 steps one box of the two images scored below
+    0.3 at 2 threads once the project conv kept y * s; 100 steps find every box at 1, 2 and 3 threads
+    (lr 1e-3 reached only mAP 0.52 at 1 thread)."""
     from utils.inference.detector import Detector
 
     yaml_path = write_tiny_project(tmp_path)
     monkeypatch.chdir(tmp_path)  # --debug writes to ./test/
     args = base_args(tmp_path, yaml_path, "fit") + [
-        "--batch_size", "2", "--lr", "2e-3", "--no_flip", "--num_epochs", "80", "--save_interval", "0",
-        "--val_interval", "40", "--val_map", "--seed", "0", "--bn_momentum", "0.1"]
+        "--batch_size", "2", "--lr", "2e-3", "--no_flip", "--num_epochs", "100", "--save_interval", "0",
+        "--val_interval", "50", "--val_map", "--seed", "0", "--bn_momentum", "0.1"]
     assert train.main(train.parse_args(args + ["--max_steps", "2", "--debug"])) == 0
     assert sorted(p.name for p in (tmp_path / "test").glob("debug_*.jpg")) == ["debug_e0_s1.jpg", "debug_e1_s2.jpg"]
     # A resume keeps the saved --max_steps and --debug: lift the one, turn off the other.
@@ -189,10 +190,10 @@ def test_overfits_two_images_and_detects_their_boxes(tmp_path, monkeypatch):
 
     log = read_log(tmp_path, "fit")
     first = np.mean([log[s]["loss"] for s in (1, 2, 3)])
-    last = np.mean([log[s]["loss"] for s in (78, 79, 80)])
+    last = np.mean([log[s]["loss"] for s in (98, 99, 100)])
     assert last < 0.2 * first, (first, last)
     val = read_log(tmp_path, "fit", "val")
-    assert [r["step"] for r in val.values()] == [40, 80] and val[80]["mAP"] > 0.5
+    assert [r["step"] for r in val.values()] == [50, 100] and val[100]["mAP"] > 0.5
     assert (tmp_path / "fit" / "logs" / "tiny" / "loss_curves.png").stat().st_size > 1000
 
     best = tmp_path / "fit" / "ckpt" / "tiny" / "efficientdet-d0_best.pth"
