@@ -173,9 +173,8 @@ def test_overfits_two_images_and_detects_their_boxes(tmp_path, monkeypatch):
 
     From scratch, BN running statistics with the official momentum (0.01) need thousands of steps
     before eval mode matches train mode; --bn_momentum 0.1 lets 100 steps suffice. The thread count (and any
-    change of float round-off) changes the trajectory: after 80 steps one box of the two images scored below
-    0.3 at 2 threads once the project conv kept y * s; 100 steps find every box at 1, 2 and 3 threads
-    (lr 1e-3 reached only mAP 0.52 at 1 thread)."""
+    change of float round-off) changes the trajectory: 80 steps can leave one box below the 0.3 threshold;
+    100 steps find every box at 1, 2 and 3 threads (lr 1e-3 reached only mAP 0.52 at 1 thread)."""
     from utils.inference.detector import Detector
 
     yaml_path = write_tiny_project(tmp_path)
