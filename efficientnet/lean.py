@@ -30,6 +30,9 @@ bfloat16 matrix product per image with ``weight * s[b]`` (``lean_amp.ScaledPoint
 keeping ``y`` but not ``y * s``. Float32 keeps the convolution: PyTorch's float32 matrix products run on MKL,
 whose results in the training process were not the same bits from run to run (so an interrupted run would not
 resume exactly), while oneDNN's are.
+
+Squeeze-excitation's mean (:func:`spatial_mean`) passes its gradient on as a broadcast view, added to the project
+conv's gradient in one pass instead of written out first.
 """
 from __future__ import annotations
 
@@ -315,6 +318,30 @@ def batchnorm_swish_conv(bn: nn.Module, x: Tensor, wrapper: nn.Module) -> Tensor
         return wrapper(batchnorm_swish(bn, x))
     return BatchNormSwishConv.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _momentum(bn), bn.eps,
                                     keep_output, wrapper.conv.weight, *args)
+
+
+class SpatialMean(torch.autograd.Function):
+    """``x.mean(dim=(2, 3), keepdim=True)`` (Tensor[B, C, H, W] -> Tensor[B, C, 1, 1], squeeze-excitation's squeeze)
+    whose backward returns ``grad / (H * W)`` broadcast as a view. Autograd's own backward of ``mean`` writes that
+    out as a full-size tensor, then adds it to the other gradient of ``x`` (the project conv's); the view is added
+    in that one pass instead. The same values bit for bit (each element is ``grad / (H * W)`` either way)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.shape = x.shape
+        return x.mean(dim=(2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return (grad / (ctx.shape[2] * ctx.shape[3])).expand(ctx.shape)
+
+
+def spatial_mean(x: Tensor) -> Tensor:
+    """``x.mean(dim=(2, 3), keepdim=True)`` for x: Tensor[B, C, H, W]; through :class:`SpatialMean` where a
+    gradient is to be computed, plainly otherwise (inference, export)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return SpatialMean.apply(x)
+    return x.mean(dim=(2, 3), keepdim=True)
 
 
 def conv_of_batchnorm_swish(wrapper: nn.Module, y: Tensor, saved: Saved, s: Optional[Tensor] = None) -> Tensor:

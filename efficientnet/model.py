@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpointing import checkpointed, needs_checkpoint
-from .lean import batchnorm_swish, batchnorm_swish_conv, batchnorm_swish_saved, conv_of_batchnorm_swish
+from .lean import (batchnorm_swish, batchnorm_swish_conv, batchnorm_swish_saved, conv_of_batchnorm_swish,
+                   spatial_mean)
 from .config import DROP_CONNECT_RATE, STEM_CHANNELS, get_scaling, round_filters, scaled_blocks
 from .utils import BN_EPS, BN_MOMENTUM, Conv2dStaticSamePadding, Swish, drop_connect
 
@@ -60,7 +61,7 @@ class MBConvBlock(nn.Module):
         else:
             x = self._depthwise_conv(x)
         x, saved = batchnorm_swish_saved(self._bn1, x)
-        squeezed = x.mean(dim=(2, 3), keepdim=True)
+        squeezed = spatial_mean(x)
         squeezed = self._se_expand(self._swish(self._se_reduce(squeezed)))
         x = self._bn2(conv_of_batchnorm_swish(self._project_conv, x, saved, torch.sigmoid(squeezed)))
         if self.has_residual:

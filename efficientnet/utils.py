@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 from collections import OrderedDict
-from functools import lru_cache
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -32,7 +31,7 @@ def _pair(value: IntPair) -> Tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-@lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def same_padding(size: Tuple[int, int], kernel: Tuple[int, int], stride: Tuple[int, int],
                  dilation: Tuple[int, int] = (1, 1)) -> Tuple[int, int, int, int]:
     """TensorFlow "SAME" padding for an input of ``size`` = (H, W).
@@ -133,9 +132,8 @@ class MaxPool2dStaticSamePadding(nn.Module):
 class Swish(nn.Module):
     """``x * sigmoid(x)`` (SiLU); PyTorch's fused kernel, exportable to ONNX.
 
-    Memory-efficient in training already: ``F.silu``'s backward keeps only the input and recomputes the
-    sigmoid, which is what the published ``MemoryEfficientSwish`` (a custom autograd Function) does by hand;
-    measured against such a Function on a D0 training step, the fused kernel is as small and faster.
+    Memory-efficient in training already: ``F.silu``'s backward keeps only its input, as the published
+    ``MemoryEfficientSwish`` (a custom autograd Function) does by hand, and is faster (a D0 training step).
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -172,13 +170,16 @@ SwishImplementation = SwishFunction
 def drop_connect(x: Tensor, rate: float, training: bool) -> Tensor:
     """Stochastic depth: drop the whole residual branch of a sample with probability ``rate``.
 
-    x: Tensor[B, C, H, W]; kept samples are scaled by ``1 / (1 - rate)``.
+    x: Tensor[B, C, H, W]; kept samples are scaled by ``1 / (1 - rate)``: the published ``x / keep * mask``, in
+    float32 / float64 as one pass ``x / (keep / mask)`` (``x / inf = x * 0`` where dropped: the same bits both ways).
     """
     if not training or rate <= 0.0:
         return x
     keep = 1.0 - rate
     mask = torch.floor(keep + torch.rand((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device))
-    return x / keep * mask
+    if x.dtype in (torch.float32, torch.float64):
+        return x / torch.full_like(mask, keep).div_(mask)
+    return x / keep * mask  # bfloat16 / float16: ``keep`` as a scalar is not rounded to their precision
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,10 +324,9 @@ class InferenceConv2d(nn.Module):
         """The weight variant ``name`` in oneDNN's own layout for the channels-last input ``x``: reordered on
         first use and kept as a non-persistent buffer, for the last :attr:`max_packed` input shapes.
 
-        Unpacked, oneDNN reorders the weight on every call (~10 µs per conv here, over 180 convs in D0). The
-        layout oneDNN picks depends on the input's shape and dtype, and a weight packed for another shape
-        gives the same values but can be 15x slower (D0's 1152->192 1x1 conv at 16x16 packed for 4x4 inputs):
-        hence one packing per shape.
+        Unpacked, oneDNN reorders the weight on every call (~10 µs per conv here, over 180 convs in D0). The layout
+        oneDNN picks depends on the input's shape and dtype, and a weight packed for another shape gives the same
+        values but can be 15x slower (D0's 1152->192 1x1 conv at 16x16 packed for 4x4 inputs): one per shape.
         """
         key = (name, x.dtype, tuple(int(size) for size in x.shape))  # traced sizes are tensors
         buffer = self._packed.get(key)

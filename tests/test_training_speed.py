@@ -476,3 +476,61 @@ def test_project_conv_under_cpu_autocast_is_the_float64_conv_keeping_no_scaled_i
     for a, b in ((out, ref), (grad_y, y64.grad), (grad_s, s64.grad), (grad_w, w64.grad)):
         scale = float(b.detach().abs().max())
         torch.testing.assert_close(a.double(), b.detach(), rtol=0, atol=1e-2 * scale)
+
+
+def test_spatial_mean_passes_its_gradient_on_as_a_broadcast_view():
+    """Squeeze-excitation's mean: the values of ``x.mean``, and a gradient of ``grad / (H * W)`` for every element
+    that is a stride-0 view (nothing written out), summed with another gradient of ``x`` to autograd's bits."""
+    from efficientnet.lean import spatial_mean
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    out = spatial_mean(x)
+    assert torch.allclose(out, x.detach().sum(dim=(2, 3), keepdim=True) / 35, rtol=1e-15, atol=0)
+    grad = torch.randn(2, 3, 1, 1, dtype=torch.float64)
+    (g,) = torch.autograd.grad(out, x, grad)
+    assert g.stride()[2:] == (0, 0)
+    assert torch.allclose(g, grad.expand(2, 3, 5, 7) / 35, rtol=1e-15, atol=0)
+    with torch.no_grad():
+        assert spatial_mean(x).grad_fn is None
+
+    weight = torch.randn(4, 3, 1, 1)
+    def loss(mean):  # x used twice, as in an MBConv block: by the project conv and by the squeeze
+        y = x.float() * 1.5
+        return (F.conv2d(y * torch.sigmoid(mean(y)), weight) ** 2).sum()
+    (lean_grad,) = torch.autograd.grad(loss(spatial_mean), x)
+    (plain_grad,) = torch.autograd.grad(loss(lambda y: y.mean(dim=(2, 3), keepdim=True)), x)
+    assert torch.equal(lean_grad, plain_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_drop_connect_is_the_published_formula_bit_for_bit(dtype):
+    """``x / keep * floor(keep + rand)`` written out (the published drop connect, same random draw): the same
+    output and input gradient bit for bit, signed zeros, infinities and NaNs included."""
+    from efficientnet.utils import drop_connect
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 4, 5).to(dtype)
+    x[:, 0, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0], dtype=dtype)
+    grad = torch.randn(16, 3, 4, 5).to(dtype)
+    rate = 0.2  # the backbone's; 1 / keep is not exact
+    keep = 1.0 - rate
+
+    def published(inputs):
+        mask = torch.floor(keep + torch.rand((inputs.shape[0], 1, 1, 1), dtype=inputs.dtype))
+        return inputs / keep * mask, mask
+
+    results = []
+    for function in (lambda t: drop_connect(t, rate, True), lambda t: published(t)[0]):
+        leaf = x.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        out = function(leaf)
+        out.backward(grad)
+        results.append((out.detach(), leaf.grad))
+    torch.manual_seed(1)
+    mask = published(x)[1].flatten()
+    assert 0 < int(mask.sum()) < 16  # kept and dropped samples both
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(torch.signbit(ours), torch.signbit(reference))
+    assert drop_connect(x, rate, False) is x
