@@ -338,8 +338,8 @@ class SpatialMean(torch.autograd.Function):
 
 def spatial_mean(x: Tensor) -> Tensor:
     """``x.mean(dim=(2, 3), keepdim=True)`` for x: Tensor[B, C, H, W]; through :class:`SpatialMean` where a
-    gradient is to be computed, plainly otherwise (inference, export)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    gradient is to be computed, plainly otherwise (inference, tracing for export)."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
         return SpatialMean.apply(x)
     return x.mean(dim=(2, 3), keepdim=True)
 
