@@ -495,6 +495,7 @@ def test_spatial_mean_passes_its_gradient_on_as_a_broadcast_view():
         assert spatial_mean(x).grad_fn is None
 
     weight = torch.randn(4, 3, 1, 1)
+
     def loss(mean):  # x used twice, as in an MBConv block: by the project conv and by the squeeze
         y = x.float() * 1.5
         return (F.conv2d(y * torch.sigmoid(mean(y)), weight) ** 2).sum()
