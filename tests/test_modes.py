@@ -338,12 +338,12 @@ def test_specialized_model_without_onednn_matches(memory_format, d0_model, d0_ve
 
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
 def test_spatial_mean_in_reduced_precision(memory_format):
-    from efficientnet.model import _spatial_mean
+    from efficientnet.model import _squeeze_for_inference
 
     x = torch.randn(2, 24, 12, 20).contiguous(memory_format=memory_format)
-    assert torch.equal(_spatial_mean(x), x.mean(dim=(2, 3)))
+    assert torch.equal(_squeeze_for_inference(x), x.mean(dim=(2, 3)))
     low = x.to(torch.bfloat16).contiguous(memory_format=memory_format)
-    got = _spatial_mean(low)
+    got = _squeeze_for_inference(low)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 24)
     # One bf16 rounding of the float32-accumulated mean: within one bf16 unit of the rounded float32 mean.
     want = low.float().mean(dim=(2, 3))
